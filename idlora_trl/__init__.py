@@ -1,0 +1,41 @@
+"""idlora-trl: ID-LoRA (arXiv 2602.20727) as a native PEFT method, for PEFT, TRL, DeepSpeed and Axolotl.
+
+Importing this package registers ID-LoRA with PEFT, so `peft.get_peft_model(model, IDLoRAConfig(...))`,
+`PeftModel.from_pretrained` and TRL's `peft_config=` work as they do for LoRA.
+"""
+
+from .config import IDLoRAConfig
+from .counting import count_parameters, format_parameter_table
+from .indices import read_indices, save_indices
+from .layer import IDLoRALayer
+from .model import IDLoRAModel, decompose, get_indices
+from .peft_type import IDLoRAPeftType, register_with_peft
+
+__version__ = "0.1.0"
+
+register_with_peft()
+
+_LAZY = {"IDLoRASFTTrainer": "trainers", "IDLoRADPOTrainer": "trainers"}  # TRL is imported on first use
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+__all__ = [
+    "IDLoRAConfig",
+    "IDLoRADPOTrainer",
+    "IDLoRASFTTrainer",
+    "IDLoRALayer",
+    "IDLoRAModel",
+    "IDLoRAPeftType",
+    "count_parameters",
+    "decompose",
+    "format_parameter_table",
+    "get_indices",
+    "read_indices",
+    "save_indices",
+]

@@ -1,0 +1,83 @@
+"""The built-in plugins: row-selection strategies, plain weight access, index sync, and the report.
+
+Registered by `idlora_trl.plugins.get_plugin_manager()` exactly as third-party plugins are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+from transformers.utils import logging
+
+from .decomposition import select_rows
+from .hookspecs import hookimpl
+
+logger = logging.get_logger(f"transformers.{__name__}")  # under transformers: its verbosity applies
+
+
+class RowSelection:
+    """One strategy of `decomposition.select_rows`: the paper's PMRC, or an ablation baseline."""
+
+    def __init__(self, selection: str) -> None:
+        self.name = selection
+
+    @hookimpl
+    def idlora_selection_names(self):
+        return [self.name]
+
+    @hookimpl
+    def idlora_select_rows(self, weight, module_name, config):
+        if config.selection != self.name:
+            return None
+        return select_rows(weight, num_clusters=config.num_clusters, r=config.r, selection=self.name,
+                           distance=config.distance, min_cluster_size=config.min_cluster_size, seed=config.seed)
+
+
+class PlainWeight:
+    """The weight is all here (no partitioning): nothing to do."""
+
+    name = "plain-weight"
+
+    @hookimpl(trylast=True)
+    def idlora_weight_context(self, module, module_name):
+        return contextlib.nullcontext()
+
+
+class BroadcastFromRankZero:
+    """Plain `torch.distributed` (DDP and friends): every rank takes rank 0's tables."""
+
+    name = "broadcast-indices"
+
+    @hookimpl(trylast=True)
+    def idlora_sync_indices(self, indices, adapter_name):
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return indices
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        synced = {}
+        for name in sorted(indices):  # same order on every rank
+            table = indices[name].to(device)
+            dist.broadcast(table, src=0)
+            synced[name] = table.to(indices[name].device)
+        return synced
+
+
+class LogReport:
+    """Logs the parameter table against LoRA after each injection."""
+
+    name = "log-report"
+
+    @hookimpl
+    def idlora_report(self, model, adapter_name, config, timings):
+        from .counting import count_parameters, format_parameter_table
+
+        count = count_parameters(model, adapter_name)
+        logger.info(
+            f"ID-LoRA adapter {adapter_name!r}: clustered {timings['modules']} module(s) in "
+            f"{timings['decomposition_s']:.2f} s.\n{format_parameter_table(count)}"
+        )
+
+
+PLUGINS = [RowSelection("pmrc"), RowSelection("random"), RowSelection("sequential"), PlainWeight(),
+           BroadcastFromRankZero(), LogReport()]

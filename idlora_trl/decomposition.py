@@ -1,0 +1,241 @@
+"""Skeleton-row selection for ID-LoRA (method doc §1, the paper's "PMRC").
+
+The rows of a frozen weight ``W`` (``[d_out, d_in]``) are treated as ``d_out`` points in ``R^{d_in}``.
+:func:`select_rows` returns a ``[k, r]`` int64 tensor of row indices: ``r`` rows per cluster, which the
+adapter gathers from the frozen layer's output. Everything here is pure torch and runs once, before training.
+
+:func:`constrained_kmeans` is k-means in which every cluster keeps at least ``min_size`` points:
+
+* init: greedy k-means++ (``2 + ln k`` candidates per centre), drawn from a local CPU ``torch.Generator``,
+  so the result depends only on the data and the seed, never on the global RNG or the device;
+* assignment: for fixed centroids, the optimal assignment under the size constraint is a transportation
+  problem with ``k`` sinks. It is solved by cluster *prices* ``lam`` (the LP dual): points take
+  ``argmin_c D[x, c] - lam[c]``; while a cluster is short of points, its price is raised by the least
+  amount that makes ``min_size`` points prefer it. Prices only rise and a priced cluster ends with exactly
+  ``min_size`` points, so complementary slackness holds and the assignment is optimal. When the
+  unconstrained assignment is already feasible (the common case) no price is ever raised. If the price
+  loop does not settle within ``10 k`` rounds, successive shortest paths finish the job (one point per
+  augmentation, still exact), so the constraint always holds;
+* update: centroids are the means of their points (a one-hot matmul: deterministic on CUDA too);
+  stop when the assignment no longer changes or after ``max_iter`` rounds; keep the best of ``n_init``.
+
+All arithmetic is float32 on the input's device; inertias are accumulated in float64.
+"""
+from __future__ import annotations
+
+import math
+from numbers import Integral
+
+import torch
+
+__all__ = ["SELECTIONS", "DISTANCES", "constrained_kmeans", "select_rows"]
+
+SELECTIONS = ("pmrc", "random", "sequential")
+DISTANCES = ("euclidean", "cosine")
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _sq_dists(points: torch.Tensor, sq_norms: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances ``[n, k]`` as ``||x||^2 - 2 x.c + ||c||^2`` (one matmul), clamped at 0."""
+    d = torch.addmm(centroids.pow(2).sum(1).unsqueeze(0), points, centroids.T, alpha=-2.0)
+    return d.add_(sq_norms.unsqueeze(1)).clamp_(min=0.0)
+
+
+def _own_sq_dists(points: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor,
+                  chunk: int = 4096) -> torch.Tensor:
+    """Exact ``||x_i - c_{labels_i}||^2`` per point (direct differences, in row chunks to bound memory)."""
+    return torch.cat([(points[s:s + chunk] - centroids[labels[s:s + chunk]]).pow(2).sum(1)
+                      for s in range(0, points.shape[0], chunk)])
+
+
+def _means(points: torch.Tensor, labels: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """Cluster means; an empty cluster (possible only when ``min_size == 0``) keeps its old centroid."""
+    onehot = torch.nn.functional.one_hot(labels, old.shape[0]).to(points.dtype)
+    counts = onehot.sum(0)
+    means = (onehot.T @ points) / counts.clamp(min=1.0).unsqueeze(1)
+    return torch.where(counts.unsqueeze(1) > 0, means, old)
+
+
+def _kmeans_pp(points: torch.Tensor, sq_norms: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """Greedy k-means++ seeding: each new centre is the best (lowest potential) of a few D^2-sampled rows."""
+    n = points.shape[0]
+    trials = 2 + int(math.log(k))
+    first = int(torch.randint(n, (1,), generator=gen))
+    chosen = [first]
+    closest = _sq_dists(points, sq_norms, points[first:first + 1]).squeeze(1)
+    for _ in range(1, k):
+        weights = closest.double().cpu()  # sampling on the CPU keeps the draw device-independent
+        total = float(weights.sum())
+        if total > 0:
+            u = torch.rand(trials, generator=gen, dtype=torch.float64) * total
+            cand = torch.searchsorted(weights.cumsum(0), u, right=True).clamp_(max=n - 1)
+        else:  # fewer distinct points than centres: any point will do
+            cand = torch.randint(n, (trials,), generator=gen)
+        pot = torch.minimum(closest.unsqueeze(1), _sq_dists(points, sq_norms, points[cand.to(points.device)]))
+        best = int(pot.sum(0, dtype=torch.float64).argmin())
+        chosen.append(int(cand[best]))
+        closest = pot[:, best]
+    return points[chosen].clone()
+
+
+# ------------------------------------------------------------------------------------------ assignment
+def _assign(dist: torch.Tensor, min_size: int, max_rounds: int | None = None) -> torch.Tensor:
+    """Optimal assignment of the ``n`` points to ``k`` clusters with costs ``dist`` ``[n, k]`` and every
+    cluster holding at least ``min_size`` points (solved with cluster prices, see the module docstring)."""
+    n, k = dist.shape
+    labels = dist.argmin(1)
+    counts = torch.bincount(labels, minlength=k)
+    if min_size == 0 or bool((counts >= min_size).all()):
+        return labels  # unconstrained optimum is feasible, hence optimal
+    lam = dist.new_zeros(k)
+    for _ in range(10 * k if max_rounds is None else max_rounds):
+        c = int(counts.argmin())  # the most deficient cluster
+        cost = dist - lam
+        others = cost.clone()
+        others[:, c] = math.inf
+        margin = cost[:, c] - others.min(1).values  # how much cheaper c must get for x to prefer it
+        # Pull in the (min_size - count) outsiders with the smallest margins (ties: lower row index) and
+        # raise lam[c] by exactly the largest of those margins: every point stays at an argmin of
+        # dist - lam, c ends with exactly min_size points and no other cluster gains any.
+        outside = torch.where(labels == c, math.inf, margin)
+        order = torch.sort(outside, stable=True).indices[: min_size - int(counts[c])]
+        lam[c] += outside[order[-1]].clamp(min=0)
+        labels = labels.clone()
+        labels[order] = c
+        counts = torch.bincount(labels, minlength=k)
+        if bool((counts >= min_size).all()):
+            return labels
+    return _shortest_path_repair(dist, labels, min_size)
+
+
+def _shortest_path_repair(dist: torch.Tensor, labels: torch.Tensor, min_size: int) -> torch.Tensor:
+    """Successive shortest paths: move one point at a time along the cheapest chain of reassignments from
+    a cluster above ``min_size`` to a deficient one. Exact when ``labels`` is optimal for its own counts
+    (true for any ``argmin(dist - lam)``). Bellman-Ford over the ``k`` clusters; ``k`` is small."""
+    n, k = dist.shape
+    labels = labels.clone()
+    rows = torch.arange(n, device=dist.device)
+    while True:
+        counts = torch.bincount(labels, minlength=k).tolist()
+        deficient = [c for c in range(k) if counts[c] < min_size]
+        if not deficient:
+            return labels
+        delta = dist - dist[rows, labels].unsqueeze(1)  # delta[x, j]: cost of moving x to cluster j
+        edge = torch.full((k, k), math.inf, dtype=dist.dtype, device=dist.device)
+        edge = edge.scatter_reduce(0, labels.unsqueeze(1).expand(n, k), delta, "amin").tolist()
+        best = [0.0 if counts[c] > min_size else math.inf for c in range(k)]
+        pred = [-1] * k
+        for _ in range(k - 1):
+            for i in range(k):
+                for j in range(k):
+                    if i != j and best[i] + edge[i][j] < best[j]:
+                        best[j], pred[j] = best[i] + edge[i][j], i
+        j, path = min(deficient, key=lambda c: best[c]), []
+        while pred[j] != -1 and len(path) < k:
+            path.append((pred[j], j))
+            j = pred[j]
+        moves = [(int(torch.where(labels == i, delta[:, j], math.inf).argmin()), j) for i, j in path]
+        for x, j in moves:  # chosen from distinct clusters before any move: distinct points
+            labels[x] = j
+
+
+# ----------------------------------------------------------------------------------------------- k-means
+def constrained_kmeans(points: torch.Tensor, k: int, min_size: int, *, seed: int = 0, n_init: int = 10,
+                       max_iter: int = 100) -> tuple[torch.LongTensor, torch.Tensor, float]:
+    """k-means with every cluster holding at least `min_size` points. Returns (labels [n], centroids [k, d], inertia).
+
+    ``labels`` (int64) and ``centroids`` (float32, the means of their clusters) are on ``points``' device;
+    ``inertia`` is the sum of squared distances of the points to their centroids, lowest of ``n_init`` runs.
+    """
+    if points.dim() != 2:
+        raise ValueError(f"points must be a 2-D [n, d] tensor, got shape {tuple(points.shape)}.")
+    n = points.shape[0]
+    for name, value, low in (("k", k, 1), ("min_size", min_size, 0), ("n_init", n_init, 1),
+                             ("max_iter", max_iter, 1)):
+        if not isinstance(value, Integral) or isinstance(value, bool) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+    if k > n or k * min_size > n:
+        raise ValueError(f"cannot make k={k} clusters of at least min_size={min_size} points from n={n} "
+                         "points; lower k or min_size.")
+    x = points.detach().to(torch.float32)
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError("points contain NaN or Inf values; clean the input before clustering.")
+    sq_norms = x.pow(2).sum(1)
+    gen = torch.Generator().manual_seed(int(seed))
+    best: tuple[torch.Tensor, torch.Tensor, float] | None = None
+    for _ in range(n_init):
+        centroids = _kmeans_pp(x, sq_norms, k, gen)
+        labels = None
+        for _ in range(max_iter):
+            new = _assign(_sq_dists(x, sq_norms, centroids), min_size)
+            if labels is not None and torch.equal(new, labels):
+                break
+            labels = new
+            centroids = _means(x, labels, centroids)
+        inertia = float(_own_sq_dists(x, centroids, labels).sum(dtype=torch.float64))
+        if best is None or inertia < best[2]:
+            best = (labels, centroids, inertia)
+    return best
+
+
+# -------------------------------------------------------------------------------------------- selection
+def _check_select_args(weight, k, r, selection, distance, min_size) -> None:
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"weight must be a 2-D [d_out, d_in] tensor (an nn.Linear.weight), got {shape}.")
+    if selection not in SELECTIONS:
+        raise ValueError(f"unknown selection={selection!r}; use one of {SELECTIONS}.")
+    if distance not in DISTANCES:
+        raise ValueError(f"unknown distance={distance!r}; use one of {DISTANCES}.")
+    for name, value in (("num_clusters", k), ("r", r), ("min_cluster_size", min_size)):
+        if not isinstance(value, Integral) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+    d_out = weight.shape[0]
+    if k * r > d_out:
+        raise ValueError(f"num_clusters * r = {k} * {r} = {k * r} exceeds d_out = {d_out} rows; "
+                         "lower num_clusters or r.")
+    if min_size < r:
+        raise ValueError(f"min_cluster_size={min_size} is below r={r}: every cluster must hold at least r "
+                         "rows; raise min_cluster_size or leave it as None (defaults to r).")
+    if k * min_size > d_out:
+        raise ValueError(f"num_clusters * min_cluster_size = {k} * {min_size} = {k * min_size} exceeds "
+                         f"d_out = {d_out} rows; lower min_cluster_size or num_clusters.")
+    if not bool(torch.isfinite(weight.detach()).all()):
+        raise ValueError("weight contains NaN or Inf values; select rows from a finite (pretrained) weight.")
+
+
+def select_rows(weight: torch.Tensor, *, num_clusters: int, r: int, selection: str = "pmrc",
+                distance: str = "euclidean", min_cluster_size: int | None = None, seed: int = 0) -> torch.LongTensor:
+    """Row indices [num_clusters, r] (int64, on CPU) of the skeleton rows of `weight` ([d_out, d_in], rows are points).
+
+    * ``"pmrc"`` (paper): constrained k-means of the rows (min size ``min_cluster_size``, default ``r``);
+      in each cluster the ``r`` rows nearest its centroid, by ascending distance (ties: lower row index).
+    * ``"random"``: ``k r`` distinct rows drawn with a generator seeded by ``seed``, in ``k`` groups of ``r``.
+    * ``"sequential"``: block ``i`` of ``tensor_split(arange(d_out), k)`` contributes its first ``r`` rows.
+
+    ``distance="cosine"`` clusters the L2-normalised rows (zero rows stay zero) with the same algorithm;
+    it only affects ``"pmrc"``. Every group is ordered as described; the groups are then ordered by their
+    smallest row index, so the output does not depend on how clusters happened to be numbered.
+    """
+    k = num_clusters
+    min_size = r if min_cluster_size is None else min_cluster_size
+    _check_select_args(weight, k, r, selection, distance, min_size)
+    d_out = weight.shape[0]
+    if selection == "random":
+        gen = torch.Generator().manual_seed(int(seed))
+        groups = torch.randperm(d_out, generator=gen)[: k * r].view(k, r).sort(dim=1).values
+    elif selection == "sequential":
+        groups = torch.stack([block[:r] for block in torch.tensor_split(torch.arange(d_out), k)])
+    else:
+        x = weight.detach().to(torch.float32)
+        if distance == "cosine":
+            x = torch.nn.functional.normalize(x, dim=1)
+        labels, centroids, _ = constrained_kmeans(x, k, min_size, seed=seed)
+        own = _own_sq_dists(x, centroids, labels)
+        picked = []
+        for c in range(k):
+            members = (labels == c).nonzero().squeeze(1)  # ascending row index, so a stable sort breaks ties
+            picked.append(members[torch.sort(own[members], stable=True).indices[:r]])
+        groups = torch.stack(picked).cpu()
+    groups = groups.to(torch.int64)
+    return groups[groups.min(1).values.argsort()].contiguous()

@@ -1,0 +1,73 @@
+"""All of idlora-trl's pluggy hooks, in one place.
+
+A plugin is any object (a module, a class instance) with functions named like these, marked with
+`idlora_trl.hookimpl`. Register it with `idlora_trl.plugins.get_plugin_manager().register(obj)`, or ship it
+in a package with an entry point in the group `idlora_trl`:
+
+    [project.entry-points.idlora_trl]
+    my_rows = "my_package.my_module"
+
+The built-in strategies (`idlora_trl/builtin_plugins.py`, `integrations/deepspeed`) are registered the same
+way, so a plugin can add a strategy or override a built-in one (`@hookimpl(tryfirst=True)`).
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import Optional
+
+import pluggy
+import torch
+from torch import nn
+
+hookspec = pluggy.HookspecMarker("idlora_trl")
+hookimpl = pluggy.HookimplMarker("idlora_trl")
+
+
+@hookspec
+def idlora_selection_names() -> list[str]:
+    """The values of `IDLoRAConfig.selection` this plugin implements (e.g. `["pmrc"]`).
+
+    `IDLoRAConfig` accepts a selection only if some plugin names it, so a typo fails at config time.
+    """
+
+
+@hookspec(firstresult=True)
+def idlora_select_rows(weight: torch.Tensor, module_name: str, config) -> Optional[torch.LongTensor]:
+    """Choose the skeleton rows of one frozen weight.
+
+    `weight` is the full `[d_out, d_in]` weight (rows are the points; transformers' `Conv1D` is already
+    transposed), read-only, on its own device. `config` is the adapter's `IDLoRAConfig`. Return a
+    `[config.num_clusters, config.r]` int64 tensor of row indices, or `None` to let the next plugin decide
+    (a strategy answers only for the `config.selection` values it named). The first non-`None` answer wins.
+    """
+
+
+@hookspec(firstresult=True)
+def idlora_weight_context(module: nn.Module, module_name: str) -> Optional[AbstractContextManager]:
+    """A context manager inside which `module.weight` holds the full weight, read-only.
+
+    The built-in one does nothing (the weight is already there); the DeepSpeed plugin gathers a ZeRO-3
+    partitioned weight for the duration. Entered once per module, in the same module order on every rank.
+    Return `None` if this plugin does not handle `module`.
+    """
+
+
+@hookspec(firstresult=True)
+def idlora_sync_indices(indices: dict[str, torch.Tensor], adapter_name: str) -> Optional[dict[str, torch.Tensor]]:
+    """Make the index tables agree across processes; return the tables every rank must use.
+
+    Called on every rank once per injected adapter, after the decomposition, with this rank's tables
+    (module name -> `[k, r]`). The built-in plugin broadcasts rank 0's tables when `torch.distributed` is
+    initialised with more than one process, and returns them unchanged otherwise.
+    """
+
+
+@hookspec
+def idlora_report(model: nn.Module, adapter_name: str, config, timings: dict[str, float]) -> None:
+    """Called after an adapter was injected and its indices filled (every plugin is called).
+
+    `model` is the model holding the ID-LoRA layers; `timings` has `"decomposition_s"` (0 when nothing was
+    clustered) and `"modules"` (how many modules were clustered). The built-in reporter logs the parameter
+    table against LoRA through transformers' logger.
+    """

@@ -1,0 +1,302 @@
+"""The ID-LoRA layer: the adapted forward of the paper's Eq. 3 and 4, on `nn.Linear` and transformers' `Conv1D`.
+
+State per adapter `a` (names are part of the public state-dict format):
+- `idlora_B[a]`: `nn.Linear(r/f -> d_out/f, bias=False)`, trainable, shared by all clusters and all f blocks.
+- `idlora_T[a]`: the router. Token router: `nn.Linear(r -> 1, bias=False)`; static router: `ClusterWeights`,
+  one weight per cluster (`[k]`). Trainable.
+- `idlora_indices[a]`: `[k, r]` int64 rows of the frozen weight, a persistent buffer. `-1` until computed.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Optional
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .config import IDLoRAConfig
+
+PLACEHOLDER = -1
+
+
+class ClusterWeights(nn.Module):
+    """The static router: one learned weight `alpha_i` per cluster."""
+
+    def __init__(self, num_clusters: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.full((num_clusters,), 1.0 / num_clusters))
+
+    def forward(self, xi: torch.Tensor) -> torch.Tensor:  # [..., k, r] -> [..., r]
+        return torch.einsum("...kr,k->...r", xi, self.weight)
+
+
+def layer_shape(base_layer: nn.Module) -> tuple[int, int]:
+    """`(d_out, d_in)` of a supported base layer, valid under ZeRO-3 (where `weight.shape` is `(0,)`)."""
+    if isinstance(base_layer, nn.Linear):
+        return base_layer.out_features, base_layer.in_features
+    if isinstance(base_layer, Conv1D):  # weight stored as [d_in, d_out]
+        d_in, d_out = getattr(base_layer.weight, "ds_shape", base_layer.weight.shape)
+        return d_out, d_in
+    raise TypeError(f"unsupported layer type {type(base_layer).__name__}")
+
+
+def weight_rows(base_layer: nn.Module) -> torch.Tensor:
+    """The base weight as `[d_out, d_in]` rows (a view; Conv1D stores the transpose)."""
+    weight = base_layer.weight
+    return weight.T if isinstance(base_layer, Conv1D) else weight
+
+
+class IDLoRALayer(BaseTunerLayer):
+    adapter_layer_names = ("idlora_B", "idlora_T")
+    other_param_names = ("idlora_indices", "idlora_dropout", "r", "num_clusters", "rank_boost", "scaling", "router")
+
+    def __init__(self, base_layer: nn.Module, module_name: str = "", **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.module_name = module_name
+        self.out_features, self.in_features = layer_shape(base_layer)
+        self.idlora_B = nn.ModuleDict({})
+        self.idlora_T = nn.ModuleDict({})
+        self.idlora_indices = BufferDict({}, persistent=True)
+        self.idlora_dropout = nn.ModuleDict({})
+        self.r: dict[str, int] = {}
+        self.num_clusters: dict[str, int] = {}
+        self.rank_boost: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self.router: dict[str, str] = {}
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        # Skeleton rows of the *unmerged* weight, per merged adapter: unmerging recomputes the exact delta.
+        self._merged_rows: dict[str, torch.Tensor] = {}
+        # Adapters whose indices were checked since they last changed (a check costs a device sync).
+        self._indices_checked: set[str] = set()
+        self.kwargs = kwargs
+
+    def update_layer(self, adapter_name: str, config: IDLoRAConfig, inference_mode: bool = False) -> None:
+        r, k, f = config.r, config.num_clusters, config.rank_boost
+        self._check_shapes(r, k, f, config.min_cluster_size if config.selection == "pmrc" else r)
+        self.r[adapter_name] = r
+        self.num_clusters[adapter_name] = k
+        self.rank_boost[adapter_name] = f
+        self.scaling[adapter_name] = config.scaling
+        self.router[adapter_name] = config.router
+        self.idlora_B[adapter_name] = nn.Linear(r // f, self.out_features // f, bias=False)
+        if config.router == "token":
+            self.idlora_T[adapter_name] = nn.Linear(r, 1, bias=False)
+        else:
+            self.idlora_T[adapter_name] = ClusterWeights(k)
+        self.idlora_dropout[adapter_name] = nn.Dropout(config.idlora_dropout) if config.idlora_dropout else nn.Identity()
+        self.idlora_indices[adapter_name] = torch.full((k, r), PLACEHOLDER, dtype=torch.long)
+        self._indices_checked.discard(adapter_name)
+        self.reset_idlora_parameters(adapter_name, config)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def _check_shapes(self, r: int, k: int, f: int, min_size: int) -> None:
+        d_out, where = self.out_features, f"module {self.module_name!r} (d_out={self.out_features})"
+        if k * min_size > d_out:
+            raise ValueError(
+                f"ID-LoRA cannot split the {d_out} rows of {where} into num_clusters={k} clusters of at least "
+                f"{min_size} rows (r={r}). Lower r or num_clusters so that num_clusters * r <= {d_out}, or "
+                f"leave this module out with exclude_modules."
+            )
+        if d_out % f:
+            raise ValueError(
+                f"rank_boost={f} must divide d_out of {where}. Use a rank_boost that divides {d_out} "
+                f"(1 always does), or exclude the module."
+            )
+
+    @torch.no_grad()
+    def reset_idlora_parameters(self, adapter_name: str, config: IDLoRAConfig) -> None:
+        B = self.idlora_B[adapter_name].weight
+        if config.init_weights:
+            nn.init.zeros_(B)
+        else:  # non-identity start, for tests
+            nn.init.normal_(B, std=1.0 / math.sqrt(B.shape[1]))
+        T = self.idlora_T[adapter_name]
+        if isinstance(T, nn.Linear):
+            nn.init.normal_(T.weight, std=config.init_router_std or 1.0 / config.r)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        """Move the adapter to the base layer's device, keeping it in (at least) float32.
+
+        PEFT's version also casts to the base dtype; ID-LoRA's update is quadratic in the activations, so its
+        path runs in float32 even when the base runs in bf16 (choice).
+        """
+        weight = self.get_base_layer().weight
+        target = device if device is not None else weight.device
+        if target.type == "meta":
+            return
+        dtype = torch.promote_types(weight.dtype, torch.float32) if weight.dtype.is_floating_point else torch.float32
+        for name in self.adapter_layer_names + ("idlora_indices", "idlora_dropout"):
+            container = getattr(self, name)
+            if adapter_name not in container:
+                continue
+            item = container[adapter_name]
+            if isinstance(item, torch.Tensor):  # the integer index table: device only
+                container[adapter_name] = item.to(target)
+            elif not any(p.is_meta for p in item.parameters()):
+                item.to(device=target, dtype=dtype)
+
+    def set_indices(self, adapter_name: str, indices: torch.Tensor) -> None:
+        """Install a `[k, r]` index table, checked against this layer."""
+        k, r = self.num_clusters[adapter_name], self.r[adapter_name]
+        indices = torch.as_tensor(indices)
+        if tuple(indices.shape) != (k, r):
+            raise ValueError(
+                f"Index table for module {self.module_name!r} has shape {tuple(indices.shape)}, expected "
+                f"[num_clusters, r] = [{k}, {r}]. Recompute the indices for this configuration."
+            )
+        if indices.dtype.is_floating_point or indices.min() < 0 or indices.max() >= self.out_features:
+            raise ValueError(
+                f"Index table for module {self.module_name!r} holds values outside [0, {self.out_features}): "
+                f"it was computed for another model. Recompute the indices for this model."
+            )
+        self.idlora_indices[adapter_name] = indices.to(dtype=torch.long, device=self.idlora_indices[adapter_name].device)
+        self._indices_checked.discard(adapter_name)
+
+    def has_indices(self, adapter_name: str) -> bool:
+        indices = self.idlora_indices[adapter_name]
+        return not indices.is_meta and bool((indices != PLACEHOLDER).all())
+
+    def _checked_indices(self, adapter_name: str) -> torch.Tensor:
+        indices = self.idlora_indices[adapter_name]
+        if adapter_name not in self._indices_checked:
+            if not self.has_indices(adapter_name):
+                raise RuntimeError(
+                    f"ID-LoRA adapter {adapter_name!r} on module {self.module_name!r} has no skeleton-row indices: "
+                    "the model was built on the meta device or from a restored config and no weights were "
+                    "loaded. Load the adapter with PeftModel.from_pretrained, or compute the indices with "
+                    "idlora_trl.decompose(model)."
+                )
+            self._indices_checked.add(adapter_name)
+        return indices
+
+    # ------------------------------------------------------------------ forward
+
+    def _mixed(self, adapter_name: str, gathered: torch.Tensor) -> torch.Tensor:
+        """`v = sum_i alpha_i x_i` from the gathered skeleton outputs `[..., k, r]`."""
+        router = self.idlora_T[adapter_name]
+        if isinstance(router, ClusterWeights):
+            return router(gathered)
+        alpha = router(gathered)  # [..., k, 1]
+        return (alpha.transpose(-1, -2) @ gathered).squeeze(-2)
+
+    def _update(self, adapter_name: str, base_out: torch.Tensor) -> torch.Tensor:
+        """`s * concat_j(B v_j)` in float32, from the base layer's output `W h + b`."""
+        indices = self._checked_indices(adapter_name)
+        k, r, f = self.num_clusters[adapter_name], self.r[adapter_name], self.rank_boost[adapter_name]
+        flat = indices.reshape(-1)
+        gathered = base_out.index_select(-1, flat).float()  # (W h + b)[idx]
+        bias = self.get_base_layer().bias
+        if bias is not None:
+            gathered = gathered - bias.index_select(0, flat).float()
+        gathered = gathered.unflatten(-1, (k, r))  # x_i = A_i h, [..., k, r]
+        v = self.idlora_dropout[adapter_name](self._mixed(adapter_name, gathered))
+        B = self.idlora_B[adapter_name]
+        return B(v.unflatten(-1, (f, r // f)).to(B.weight.dtype)).flatten(-2) * self.scaling[adapter_name]
+
+    def idlora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if kwargs.pop("adapter_names", None) is not None:
+            raise ValueError("ID-LoRA does not support mixed-adapter batches (adapter_names=...).")
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        base_out = self.base_layer(x, *args, **kwargs)
+        update = None
+        for name in self.active_adapters:
+            if name not in self.idlora_B:
+                continue
+            delta = self._update(name, base_out)  # every adapter reads the base output, never another's
+            update = delta if update is None else update + delta
+        return base_out if update is None else base_out + update.to(base_out.dtype)
+
+    # ------------------------------------------------------------------ merging (static router only)
+
+    def _delta_from_rows(self, adapter_name: str, rows: torch.Tensor) -> torch.Tensor:
+        """Delta weight `s * blockdiag(B, .., B) @ sum_i alpha_i W[idx_i]` (`[d_out, d_in]`) from the rows."""
+        k, r, f = self.num_clusters[adapter_name], self.r[adapter_name], self.rank_boost[adapter_name]
+        alpha = self.idlora_T[adapter_name].weight.float()
+        mixed = torch.einsum("k,krd->rd", alpha, rows.float().reshape(k, r, -1))  # [r, d_in]
+        B = self.idlora_B[adapter_name].weight.float()  # [d_out/f, r/f]
+        blocks = torch.einsum("or,frd->fod", B, mixed.reshape(f, r // f, -1))  # [f, d_out/f, d_in]
+        return blocks.reshape(self.out_features, -1) * self.scaling[adapter_name]
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The adapter's update as a `[d_out, d_in]` matrix, from the unmerged weight. Static router only."""
+        if self.router[adapter_name] != "static":
+            raise ValueError(self._merge_error(adapter_name))
+        return self._delta_from_rows(adapter_name, self._unmerged_rows(adapter_name))
+
+    def _unmerged_rows(self, adapter_name: str) -> torch.Tensor:
+        flat = self._checked_indices(adapter_name).reshape(-1)
+        rows = weight_rows(self.get_base_layer()).detach().index_select(0, flat).float()
+        for merged in self.merged_adapters:  # remove what earlier merges added to these rows
+            rows = rows - self._delta_from_rows(merged, self._merged_rows[merged]).index_select(0, flat)
+        return rows
+
+    def _merge_error(self, adapter_name: str) -> str:
+        return (
+            f"ID-LoRA adapter {adapter_name!r} on module {self.module_name!r} uses the token router: its update "
+            "alpha_i = <T, x_i> depends on each token, so it is not a fixed matrix and cannot be merged into "
+            "the weight. Train with IDLoRAConfig(router='static') to get a mergeable adapter, or use unload() "
+            "to remove the adapter without merging."
+        )
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        for name in adapter_names:
+            if name not in self.idlora_B:
+                continue
+            if self.router[name] != "static":
+                raise ValueError(self._merge_error(name))
+        for name in adapter_names:
+            if name not in self.idlora_B:
+                continue
+            rows = self._unmerged_rows(name)
+            delta = self._delta_from_rows(name, rows)
+            rows_view = weight_rows(self.get_base_layer())
+            merged = rows_view.data + delta.to(rows_view.dtype)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs or infs in the merged weights of module {self.module_name!r} ({name!r}).")
+            rows_view.data.copy_(merged)
+            self._merged_rows[name] = rows
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            rows_view = weight_rows(self.get_base_layer())
+            delta = self._delta_from_rows(name, self._merged_rows.pop(name))
+            rows_view.data.sub_(delta.to(rows_view.dtype))
+
+
+class Linear(nn.Module, IDLoRALayer):
+    """ID-LoRA on an `nn.Linear` or a transformers `Conv1D`."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: IDLoRAConfig, module_name: str = "",
+                 **kwargs: Any) -> None:
+        super().__init__()
+        IDLoRALayer.__init__(self, base_layer, module_name=module_name, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, inference_mode=config.inference_mode)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.idlora_forward(x, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._indices_checked.clear()  # loaded indices are checked again at the next forward
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return "idlora." + super().__repr__()

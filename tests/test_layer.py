@@ -1,0 +1,180 @@
+"""The adapted forward against an explicit dense reference, gradients, and merging."""
+
+import pytest
+import torch
+from conftest import make_gpt2, make_llama
+from peft import get_peft_model
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from idlora_trl import IDLoRAConfig
+from idlora_trl.layer import IDLoRALayer
+
+
+def dense_reference(W, b, indices, B, T, router, f, scaling, h):
+    """ID-LoRA's Eq. 3/4 written out in float64 from W, the indices, B and T, with the skeleton rows
+    A_i = W[idx_i] multiplied explicitly (no gather from the layer output) and blockdiag(B, .., B) built."""
+    W, h, B, T = W.double(), h.double(), B.double(), T.double()
+    k, r = indices.shape
+    out = h @ W.T + (b.double() if b is not None else 0)
+    A = W[indices]                                   # [k, r, d_in]
+    x = torch.einsum("krd,nd->nkr", A, h)            # x_i = A_i h
+    alpha = x @ T.reshape(r) if router == "token" else T.reshape(k).expand(h.shape[0], k)
+    v = torch.einsum("nk,nkr->nr", alpha, x)         # v = sum_i alpha_i x_i
+    blockdiag = torch.block_diag(*[B] * f)           # [d_out, r]
+    return out + scaling * v @ blockdiag.T
+
+
+def base_weight_rows(layer):
+    base = layer.get_base_layer()
+    return (base.weight.T if isinstance(base, Conv1D) else base.weight).detach()
+
+
+@pytest.mark.parametrize("router", ["token", "static"])
+@pytest.mark.parametrize("rank_boost", [1, 2])
+@pytest.mark.parametrize("bias", [False, True])
+def test_forward_matches_dense_reference(router, rank_boost, bias):
+    model = make_llama(bias=bias)
+    config = IDLoRAConfig(r=8, num_clusters=3, rank_boost=rank_boost, router=router, idlora_alpha=12,
+                          init_weights=False, target_modules=["q_proj", "down_proj"])
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():  # a static router away from its uniform start
+        for module in peft_model.modules():
+            if isinstance(module, IDLoRALayer) and router == "static":
+                module.idlora_T["default"].weight.normal_()
+    h_all = torch.randn(5, 128)
+    checked = 0
+    for name, module in peft_model.named_modules():
+        if not isinstance(module, IDLoRALayer):
+            continue
+        base = module.get_base_layer()
+        h = h_all[:, : module.in_features]
+        expected = dense_reference(
+            base_weight_rows(module), base.bias, module.idlora_indices["default"],
+            module.idlora_B["default"].weight, module.idlora_T["default"].weight, router, rank_boost,
+            12 / 8, h,
+        )
+        got = module(h)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+        # the update is really there (B != 0), so a broken update path could not pass
+        assert (got.double() - (h.double() @ base.weight.double().T)).abs().max() > 1e-3
+        checked += 1
+    assert checked == 4
+
+
+def test_conv1d_forward_matches_dense_reference():
+    model = make_gpt2()
+    peft_model = get_peft_model(model, IDLoRAConfig(r=8, num_clusters=4, init_weights=False,
+                                                    target_modules=["c_attn", "c_fc"]))
+    layers = [m for m in peft_model.modules() if isinstance(m, IDLoRALayer)]
+    assert layers and all(isinstance(m.get_base_layer(), Conv1D) for m in layers)
+    for module in layers:
+        base = module.get_base_layer()
+        h = torch.randn(3, module.in_features)
+        expected = dense_reference(base.weight.T, base.bias, module.idlora_indices["default"],
+                                   module.idlora_B["default"].weight, module.idlora_T["default"].weight,
+                                   "token", 2, 1.0, h)
+        torch.testing.assert_close(module(h).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_path_runs_in_float32_under_bf16_base():
+    model = make_llama().to(torch.bfloat16)
+    peft_model = get_peft_model(model, IDLoRAConfig(r=8, num_clusters=2, init_weights=False,
+                                                    target_modules=["q_proj"]))
+    layer = next(m for m in peft_model.modules() if isinstance(m, IDLoRALayer))
+    assert layer.idlora_B["default"].weight.dtype == torch.float32
+    h = torch.randn(4, 64, dtype=torch.bfloat16)
+    out = layer(h)
+    assert out.dtype == torch.bfloat16
+    expected = dense_reference(base_weight_rows(layer).float(), None, layer.idlora_indices["default"],
+                               layer.idlora_B["default"].weight, layer.idlora_T["default"].weight,
+                               "token", 2, 1.0, h.float())
+    torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_gradients_reach_only_B_and_T(tokens):
+    model = make_llama()
+    peft_model = get_peft_model(model, IDLoRAConfig(r=8, num_clusters=2))
+    peft_model.train()
+    loss = peft_model(tokens, labels=tokens).loss
+    loss.backward()
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    with_grad = {n for n, p in peft_model.named_parameters() if p.grad is not None}
+    assert trainable == with_grad
+    assert trainable and all(".idlora_B.default." in n or ".idlora_T.default." in n for n in trainable)
+    assert any(".idlora_T." in n for n in trainable) and any(".idlora_B." in n for n in trainable)
+    # B starts at zero, but its gradient does not vanish (T is random), so training can start
+    assert all(p.grad.abs().sum() > 0 for n, p in peft_model.named_parameters() if ".idlora_B." in n)
+    assert not any(b.requires_grad for n, b in peft_model.named_buffers())
+
+
+def test_zero_init_leaves_the_model_unchanged(tokens):
+    model = make_llama()
+    expected = model(tokens).logits
+    peft_model = get_peft_model(model, IDLoRAConfig(r=8, num_clusters=2))
+    assert torch.equal(peft_model(tokens).logits, expected)
+
+
+def test_dropout_applies_in_training_only():
+    layer_model = nn.Sequential(nn.Linear(16, 32))
+    peft_model = get_peft_model(layer_model, IDLoRAConfig(r=4, num_clusters=2, idlora_dropout=0.5,
+                                                          init_weights=False, target_modules=["0"]))
+    layer = peft_model.base_model.model[0]
+    h = torch.randn(64, 16)
+    peft_model.eval()
+    assert torch.equal(layer(h), layer(h))
+    peft_model.train()
+    assert not torch.equal(layer(h), layer(h))
+
+
+@pytest.mark.parametrize("maker", [make_llama, make_gpt2])
+def test_static_router_merges_and_unmerges_exactly(maker, tokens):
+    model = maker()
+    peft_model = get_peft_model(model, IDLoRAConfig(r=8, num_clusters=2, router="static", init_weights=False))
+    layers = [m for m in peft_model.modules() if isinstance(m, IDLoRALayer)]
+    with torch.no_grad():
+        for module in layers:
+            module.idlora_T["default"].weight.normal_()
+    originals = [m.get_base_layer().weight.detach().clone() for m in layers]
+    adapted = peft_model(tokens).logits
+    peft_model.merge_adapter()
+    assert all(m.merged for m in layers)
+    torch.testing.assert_close(peft_model(tokens).logits, adapted, rtol=1e-4, atol=1e-4)
+    assert any(not torch.equal(m.get_base_layer().weight, w) for m, w in zip(layers, originals))
+    peft_model.unmerge_adapter()
+    for module, weight in zip(layers, originals):
+        torch.testing.assert_close(module.get_base_layer().weight, weight, rtol=0, atol=1e-6)
+    torch.testing.assert_close(peft_model(tokens).logits, adapted, rtol=1e-5, atol=1e-5)
+    merged = peft_model.merge_and_unload()
+    assert not any(isinstance(m, IDLoRALayer) for m in merged.modules())
+    torch.testing.assert_close(merged(tokens).logits, adapted, rtol=1e-4, atol=1e-4)
+
+
+def test_two_static_adapters_merge_from_the_unmerged_weight(tokens):
+    model = make_llama()
+    config = dict(r=8, num_clusters=2, router="static", init_weights=False, target_modules=["q_proj", "o_proj"])
+    peft_model = get_peft_model(model, IDLoRAConfig(**config))
+    peft_model.add_adapter("other", IDLoRAConfig(**config, seed=1))
+    peft_model.base_model.set_adapter(["default", "other"])
+    with torch.no_grad():
+        for module in peft_model.modules():
+            if isinstance(module, IDLoRALayer):
+                for name in ("default", "other"):
+                    module.idlora_T[name].weight.normal_()
+    both = peft_model(tokens).logits
+    peft_model.merge_adapter(["default", "other"])
+    torch.testing.assert_close(peft_model(tokens).logits, both, rtol=1e-4, atol=1e-4)
+
+
+def test_token_router_refuses_to_merge_and_unloads(tokens):
+    model = make_llama()
+    expected = model(tokens).logits
+    peft_model = get_peft_model(model, IDLoRAConfig(r=8, num_clusters=2, init_weights=False))
+    with pytest.raises(ValueError, match=r"token router.*router='static'"):
+        peft_model.merge_and_unload()
+    with pytest.raises(ValueError, match="router='static'"):
+        peft_model.merge_adapter()
+    assert not any(m.merged for m in peft_model.modules() if isinstance(m, IDLoRALayer))
+    unloaded = peft_model.unload()
+    assert torch.equal(unloaded(tokens).logits, expected)

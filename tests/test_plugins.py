@@ -1,0 +1,102 @@
+"""The pluggy hooks: third-party strategies are used, built-ins are plugins, errors are clear."""
+
+import logging as std_logging
+
+import pytest
+import torch
+from conftest import make_llama
+from peft import get_peft_model
+from transformers.utils import logging
+
+from idlora_trl import IDLoRAConfig, get_indices
+from idlora_trl.hookspecs import hookimpl
+from idlora_trl.plugins import get_plugin_manager, selection_names
+
+
+class LargestNormRows:
+    """A third-party strategy: the k*r rows of largest norm, in descending order."""
+
+    name = "largest-norm"
+
+    @hookimpl
+    def idlora_selection_names(self):
+        return ["largest-norm"]
+
+    @hookimpl
+    def idlora_select_rows(self, weight, module_name, config):
+        if config.selection != "largest-norm":
+            return None
+        order = weight.norm(dim=1).argsort(descending=True)
+        return order[: config.num_clusters * config.r].reshape(config.num_clusters, config.r).cpu()
+
+
+@pytest.fixture
+def largest_norm_plugin():
+    plugin = LargestNormRows()
+    get_plugin_manager().register(plugin)
+    yield plugin
+    get_plugin_manager().unregister(plugin)
+
+
+def test_builtin_strategies_are_plugins():
+    names = {name for name, _ in get_plugin_manager().list_name_plugin()}
+    assert {"idlora_trl.builtin.pmrc", "idlora_trl.builtin.random", "idlora_trl.builtin.sequential"} <= names
+    assert selection_names() == ["pmrc", "random", "sequential"]
+
+
+def test_third_party_strategy_is_used(largest_norm_plugin):
+    assert "largest-norm" in selection_names()
+    model = make_llama()
+    weight = model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    peft_model = get_peft_model(model, IDLoRAConfig(r=8, num_clusters=2, selection="largest-norm"))
+    expected = weight.norm(dim=1).argsort(descending=True)[:16].reshape(2, 8)
+    assert torch.equal(get_indices(peft_model)["model.layers.0.mlp.up_proj"], expected)
+
+
+def test_unknown_strategy_is_refused_at_config_time():
+    with pytest.raises(ValueError, match=r"invalid selection='largest-norm'.*'pmrc', 'random', 'sequential'"):
+        IDLoRAConfig(selection="largest-norm")
+
+
+def test_a_plugin_can_override_a_builtin_strategy():
+    class FirstRows:
+        @hookimpl(tryfirst=True)
+        def idlora_select_rows(self, weight, module_name, config):
+            return torch.arange(config.num_clusters * config.r).reshape(config.num_clusters, config.r)
+
+    plugin = FirstRows()
+    get_plugin_manager().register(plugin)
+    try:
+        peft_model = get_peft_model(make_llama(), IDLoRAConfig(r=8, num_clusters=2))
+    finally:
+        get_plugin_manager().unregister(plugin)
+    assert all(t.tolist() == [list(range(8)), list(range(8, 16))] for t in get_indices(peft_model).values())
+
+
+def test_a_bad_plugin_answer_is_reported_with_the_module():
+    class WrongShape:
+        @hookimpl(tryfirst=True)
+        def idlora_select_rows(self, weight, module_name, config):
+            return torch.zeros(3, dtype=torch.long)
+
+    plugin = WrongShape()
+    get_plugin_manager().register(plugin)
+    try:
+        with pytest.raises(ValueError, match=r"module 'model.layers.0.self_attn.q_proj' has shape \(3,\)"):
+            get_peft_model(make_llama(), IDLoRAConfig(r=8, num_clusters=2))
+    finally:
+        get_plugin_manager().unregister(plugin)
+
+
+def test_report_logs_the_parameter_table(caplog):
+    logging.set_verbosity_info()
+    logger = std_logging.getLogger("transformers")
+    logger.addHandler(caplog.handler)
+    try:
+        get_peft_model(make_llama(), IDLoRAConfig(r=8, num_clusters=2))
+    finally:
+        logger.removeHandler(caplog.handler)
+        logging.set_verbosity_warning()
+    text = caplog.text
+    assert "clustered 14 module(s)" in text
+    assert "| ID-LoRA r=8 |" in text and "| LoRA r=2 |" in text

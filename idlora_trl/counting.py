@@ -45,7 +45,7 @@ def count_parameters(model: nn.Module, adapter_name: str = "default", lora_r: Op
     """Count the parameters of the ID-LoRA adapter `adapter_name` of `model` (a `PeftModel`), and those of LoRA
     and DoRA at rank `lora_r` (default `r // 4`, the paper's "ID-LoRA at rank 4p against LoRA at rank p") on the
     same modules."""
-    from .model import idlora_layers
+    from .skeleton import idlora_layers
 
     layers = idlora_layers(model, adapter_name)
     if not layers:

@@ -54,12 +54,14 @@ def idlora_weight_context(module: nn.Module, module_name: str) -> Optional[Abstr
 
 
 @hookspec(firstresult=True)
-def idlora_sync_indices(indices: dict[str, torch.Tensor], adapter_name: str) -> Optional[dict[str, torch.Tensor]]:
-    """Make the index tables agree across processes; return the tables every rank must use.
+def idlora_sync_indices(indices: dict[str, torch.Tensor], owners: dict[str, int],
+                        adapter_name: str) -> Optional[dict[str, torch.Tensor]]:
+    """Give every process every index table; return the tables (module name -> `[k, r]`) this rank must use.
 
-    Called on every rank once per injected adapter, after the decomposition, with this rank's tables
-    (module name -> `[k, r]`). The built-in plugin broadcasts rank 0's tables when `torch.distributed` is
-    initialised with more than one process, and returns them unchanged otherwise.
+    Called on every rank once per decomposition. `indices` holds the tables this rank computed, `owners` maps
+    every module name to the rank that computed it (modules are dealt round-robin). The built-in plugin
+    exchanges them with `torch.distributed` when it is initialised with more than one process (DDP,
+    DeepSpeed), and returns `indices` unchanged otherwise.
     """
 
 

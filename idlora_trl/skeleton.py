@@ -1,0 +1,161 @@
+"""Which skeleton rows each layer gets: filling the `[k, r]` index tables of an adapter.
+
+In order of preference per layer:
+1. another adapter on the same layer with the same decomposition settings: copy its indices (a second
+   adapter, or DPO's "ref" copy, never re-clusters);
+2. `config.indices_path`: a precomputed index file;
+3. a config restored from a saved adapter (`PeftModel.from_pretrained`, `load_adapter`): leave the
+   placeholders, the checkpoint's `idlora_indices` fill them;
+4. a weight on the meta device: nothing to cluster, leave the placeholders (parameter counts stay exact);
+5. otherwise cluster the weight, through the plugin hooks of `hookspecs.py`.
+
+Clustering in several processes (DDP, DeepSpeed ZeRO-3): modules are dealt round-robin to the ranks. For each
+group of `world_size` modules, every rank enters the weight context of every module in the same order (under
+ZeRO-3 that is a collective gather) and keeps a copy of its own module only, so at most one gathered weight
+plus one copy is held at a time; then each rank clusters its module, in parallel. An error on any rank is
+shared before the results are, so every rank raises it and none waits forever. `idlora_sync_indices` then
+gives every rank every table.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from transformers.utils import logging
+
+from .indices import load_indices
+from .layer import IDLoRALayer, weight_rows
+from .plugins import get_plugin_manager
+
+logger = logging.get_logger(f"transformers.{__name__}")  # under transformers: its verbosity applies
+
+
+def rank_and_world_size() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def idlora_layers(model: nn.Module, adapter_name: Optional[str] = None) -> list[tuple[str, IDLoRALayer]]:
+    """`(module name in the base model, layer)` for every ID-LoRA layer (holding `adapter_name`, if given)."""
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTuner
+
+    if isinstance(model, PeftModel):
+        model = model.base_model
+    if isinstance(model, BaseTuner):
+        model = model.model
+    return [
+        (name, module) for name, module in model.named_modules()
+        if isinstance(module, IDLoRALayer) and (adapter_name is None or adapter_name in module.idlora_indices)
+    ]
+
+
+def fill_indices(model: nn.Module, adapter_name: str, peft_configs: dict) -> dict[str, float]:
+    """Give every layer of `adapter_name` its indices, by the order of preference above. Returns the timings
+    passed to the `idlora_report` hook."""
+    config = peft_configs[adapter_name]
+    restored, config._restored_from_checkpoint = config._restored_from_checkpoint, False
+    spec = config.decomposition_spec()
+    donors = [name for name, other in peft_configs.items()
+              if name != adapter_name and getattr(other, "decomposition_spec", lambda: None)() == spec]
+    from_file = load_indices(config.indices_path, config) if config.indices_path else None
+    todo, on_meta = [], 0
+    for name, layer in idlora_layers(model, adapter_name):
+        donor = next((d for d in donors if d in layer.idlora_indices and layer.has_indices(d)), None)
+        if donor is not None:
+            layer.set_indices(adapter_name, layer.idlora_indices[donor].clone())
+        elif from_file is not None:
+            if name not in from_file:
+                raise ValueError(
+                    f"Index file {config.indices_path!r} has no entry for module {name!r}. It was computed for "
+                    "other target modules or another model; regenerate it with `idlora-trl decompose`."
+                )
+            layer.set_indices(adapter_name, from_file[name])
+        elif restored:
+            continue
+        elif layer.get_base_layer().weight.is_meta:
+            on_meta += 1
+        else:
+            todo.append((name, layer))
+    if on_meta:
+        logger.info(f"ID-LoRA: {on_meta} module(s) are on the meta device; their indices stay placeholders.")
+    elapsed = decompose_layers(todo, adapter_name, config) if todo else 0.0
+    return {"decomposition_s": elapsed, "modules": len(todo)}
+
+
+def decompose_layers(layers: list[tuple[str, IDLoRALayer]], adapter_name: str, config) -> float:
+    """Cluster each layer's frozen weight (spread over the ranks), make the tables agree across processes,
+    and install them. Returns the time it took."""
+    hook = get_plugin_manager().hook
+    rank, world = rank_and_world_size()
+    start = time.perf_counter()
+    owners = {name: i % world for i, (name, _) in enumerate(layers)}
+    mine: dict[str, torch.Tensor] = {}
+    error: Optional[str] = None
+    bar = logging.tqdm(total=len(layers), desc=f"ID-LoRA decomposition ({config.selection})", unit="module",
+                       disable=rank != 0 or None)
+    for offset in range(0, len(layers), world):
+        group, own = layers[offset: offset + world], None
+        for j, (name, layer) in enumerate(group):
+            base = layer.get_base_layer()
+            with hook.idlora_weight_context(module=base, module_name=name):
+                if j == rank and error is None:  # keep a float32 copy: the context may free the weight
+                    own = (name, weight_rows(base).detach().to(torch.float32, copy=True))
+        if own is not None:
+            name, weight = own
+            try:
+                indices = hook.idlora_select_rows(weight=weight, module_name=name, config=config)
+                if indices is None:
+                    raise ValueError(f"no plugin implements selection={config.selection!r}")
+                mine[name] = torch.as_tensor(indices).cpu()
+            except Exception as exc:  # reported on every rank below, never left to hang the others
+                error = f"ID-LoRA decomposition of module {name!r} failed on rank {rank}: {exc}"
+            del weight, own
+        bar.update(len(group))
+    bar.close()
+    raise_if_any_rank_failed(error, world)
+    computed = hook.idlora_sync_indices(indices=mine, owners=owners, adapter_name=adapter_name)
+    for name, layer in layers:
+        layer.set_indices(adapter_name, computed[name])
+    elapsed = time.perf_counter() - start
+    logger.info(f"ID-LoRA: decomposed {len(layers)} module(s) for adapter {adapter_name!r} on {world} rank(s) "
+                f"in {elapsed:.2f} s.")
+    return elapsed
+
+
+def raise_if_any_rank_failed(error: Optional[str], world: int) -> None:
+    errors = [error]
+    if world > 1:
+        errors = [None] * world
+        dist.all_gather_object(errors, error)
+    errors = [e for e in errors if e is not None]
+    if errors:
+        raise ValueError(errors[0] if len(errors) == 1 else "\n".join(errors))
+
+
+def decompose(model: nn.Module, adapter_name: str = "default", force: bool = False) -> None:
+    """Compute the indices of `adapter_name` now: those still missing, or all of them with `force=True`.
+
+    For a model built on the meta device and later given real weights, or an adapter made from a restored
+    config without its checkpoint.
+    """
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel) or adapter_name not in model.peft_config:
+        raise ValueError(f"decompose() needs a PeftModel holding the ID-LoRA adapter {adapter_name!r}.")
+    layers = [(n, m) for n, m in idlora_layers(model, adapter_name) if force or not m.has_indices(adapter_name)]
+    if layers:
+        decompose_layers(layers, adapter_name, model.peft_config[adapter_name])
+
+
+def get_indices(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.LongTensor]:
+    """Module name -> `[k, r]` skeleton-row indices of `adapter_name`, for every ID-LoRA layer of `model`."""
+    layers = idlora_layers(model, adapter_name)
+    if not layers:
+        raise ValueError(f"No ID-LoRA layer holds an adapter named {adapter_name!r}.")
+    return {name: layer.idlora_indices[adapter_name].detach().cpu().clone() for name, layer in layers}

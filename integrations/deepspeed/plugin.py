@@ -1,0 +1,1 @@
+"""Placeholder: the DeepSpeed ZeRO-3 plugin (weight context) is being written."""

@@ -1,0 +1,1 @@
+"""Axolotl integration: `adapter: idlora` through Axolotl's plugin adapter hooks."""

@@ -6,23 +6,27 @@ adapter gathers from the frozen layer's output. Everything here is pure torch an
 
 :func:`constrained_kmeans` is k-means in which every cluster keeps at least ``min_size`` points:
 
-* init: greedy k-means++ (``2 + ln k`` candidates per centre), drawn from a local CPU ``torch.Generator``,
-  so the result depends only on the data and the seed, never on the global RNG or the device;
+* init: greedy k-means++ (``2 + ln k`` D^2-sampled candidates per centre, keep the one with the lowest
+  *constrained* assignment cost), drawn from a local CPU ``torch.Generator``, so the result depends only
+  on the data and the seed, never on the global RNG or the device;
 * assignment: for fixed centroids, the optimal assignment under the size constraint is a transportation
   problem with ``k`` sinks. It is solved by cluster *prices* ``lam`` (the LP dual): points take
   ``argmin_c D[x, c] - lam[c]``; while a cluster is short of points, its price is raised by the least
   amount that makes ``min_size`` points prefer it. Prices only rise and a priced cluster ends with exactly
   ``min_size`` points, so complementary slackness holds and the assignment is optimal. When the
-  unconstrained assignment is already feasible (the common case) no price is ever raised. If the price
-  loop does not settle within ``10 k`` rounds, successive shortest paths finish the job (one point per
-  augmentation, still exact), so the constraint always holds;
+  unconstrained assignment is already feasible (the common case) no price is ever raised. When several
+  clusters compete for the same points, single-price raises can ping-pong; as soon as a raised cluster
+  falls short again, successive shortest paths finish the job (one point per augmentation, still exact),
+  so the constraint always holds;
 * update: centroids are the means of their points (a one-hot matmul: deterministic on CUDA too);
   stop when the assignment no longer changes or after ``max_iter`` rounds; keep the best of ``n_init``.
 
-All arithmetic is float32 on the input's device; inertias are accumulated in float64.
+All arithmetic is float32 on the input's device, except the shortest-path repair (float64 on the CPU, it
+only sees the ``[n, k]`` distances); inertias are accumulated in float64.
 """
 from __future__ import annotations
 
+import heapq
 import math
 from numbers import Integral
 
@@ -56,13 +60,18 @@ def _means(points: torch.Tensor, labels: torch.Tensor, old: torch.Tensor) -> tor
     return torch.where(counts.unsqueeze(1) > 0, means, old)
 
 
-def _kmeans_pp(points: torch.Tensor, sq_norms: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
-    """Greedy k-means++ seeding: each new centre is the best (lowest potential) of a few D^2-sampled rows."""
+def _kmeans_pp(points: torch.Tensor, sq_norms: torch.Tensor, k: int, min_size: int,
+               gen: torch.Generator) -> torch.Tensor:
+    """Greedy k-means++ seeding made aware of the size constraint: each new centre is the best of a few
+    D^2-sampled candidate rows, "best" meaning the lowest cost of the *constrained* assignment of all points
+    to the centres so far. Without a binding constraint this is plain greedy k-means++; with one, it stops
+    k-means++ from seeding isolated outlier rows that the constraint would then force to absorb
+    ``min_size`` ordinary rows each (a poor local optimum that Lloyd iterations cannot leave)."""
     n = points.shape[0]
     trials = 2 + int(math.log(k))
     first = int(torch.randint(n, (1,), generator=gen))
-    chosen = [first]
-    closest = _sq_dists(points, sq_norms, points[first:first + 1]).squeeze(1)
+    dist = _sq_dists(points, sq_norms, points[first:first + 1])  # [n, centres so far]
+    chosen, closest = [first], dist[:, 0]
     for _ in range(1, k):
         weights = closest.double().cpu()  # sampling on the CPU keeps the draw device-independent
         total = float(weights.sum())
@@ -71,29 +80,40 @@ def _kmeans_pp(points: torch.Tensor, sq_norms: torch.Tensor, k: int, gen: torch.
             cand = torch.searchsorted(weights.cumsum(0), u, right=True).clamp_(max=n - 1)
         else:  # fewer distinct points than centres: any point will do
             cand = torch.randint(n, (trials,), generator=gen)
-        pot = torch.minimum(closest.unsqueeze(1), _sq_dists(points, sq_norms, points[cand.to(points.device)]))
-        best = int(pot.sum(0, dtype=torch.float64).argmin())
+        cand_dist = _sq_dists(points, sq_norms, points[cand.to(points.device)])  # [n, trials]
+        costs = []
+        for t in range(trials):
+            d = torch.cat([dist, cand_dist[:, t:t + 1]], 1)
+            costs.append(float(d.gather(1, _assign(d, min_size).unsqueeze(1)).sum(dtype=torch.float64)))
+        best = min(range(trials), key=costs.__getitem__)
         chosen.append(int(cand[best]))
-        closest = pot[:, best]
+        dist = torch.cat([dist, cand_dist[:, best:best + 1]], 1)
+        closest = torch.minimum(closest, cand_dist[:, best])
     return points[chosen].clone()
 
 
 # ------------------------------------------------------------------------------------------ assignment
 def _assign(dist: torch.Tensor, min_size: int, max_rounds: int | None = None) -> torch.Tensor:
     """Optimal assignment of the ``n`` points to ``k`` clusters with costs ``dist`` ``[n, k]`` and every
-    cluster holding at least ``min_size`` points (solved with cluster prices, see the module docstring)."""
-    n, k = dist.shape
+    cluster holding at least ``min_size`` points: cluster prices (see the module docstring), then shortest
+    paths for whatever the prices leave short. ``max_rounds`` caps the price rounds (default ``k``; tests
+    use 0 to exercise the shortest paths alone)."""
+    k = dist.shape[1]
     labels = dist.argmin(1)
     counts = torch.bincount(labels, minlength=k)
     if min_size == 0 or bool((counts >= min_size).all()):
         return labels  # unconstrained optimum is feasible, hence optimal
     lam = dist.new_zeros(k)
-    for _ in range(10 * k if max_rounds is None else max_rounds):
+    raised: set[int] = set()
+    for _ in range(k if max_rounds is None else max_rounds):
         c = int(counts.argmin())  # the most deficient cluster
+        if c in raised:  # it lost points to a later raise; prices could ping-pong, let paths finish
+            break
+        raised.add(c)
         cost = dist - lam
         others = cost.clone()
         others[:, c] = math.inf
-        margin = cost[:, c] - others.min(1).values  # how much cheaper c must get for x to prefer it
+        margin = cost[:, c] - others.amin(1)  # how much cheaper c must get for x to prefer it
         # Pull in the (min_size - count) outsiders with the smallest margins (ties: lower row index) and
         # raise lam[c] by exactly the largest of those margins: every point stays at an argmin of
         # dist - lam, c ends with exactly min_size points and no other cluster gains any.
@@ -109,34 +129,67 @@ def _assign(dist: torch.Tensor, min_size: int, max_rounds: int | None = None) ->
 
 
 def _shortest_path_repair(dist: torch.Tensor, labels: torch.Tensor, min_size: int) -> torch.Tensor:
-    """Successive shortest paths: move one point at a time along the cheapest chain of reassignments from
-    a cluster above ``min_size`` to a deficient one. Exact when ``labels`` is optimal for its own counts
-    (true for any ``argmin(dist - lam)``). Bellman-Ford over the ``k`` clusters; ``k`` is small."""
-    n, k = dist.shape
-    labels = labels.clone()
-    rows = torch.arange(n, device=dist.device)
+    """Successive shortest paths: move one point at a time along the cheapest chain of reassignments
+    (i -> j -> ... -> c) from a cluster above ``min_size`` to a deficient cluster ``c``. Exact when
+    ``labels`` is optimal for its own counts (true for any ``argmin(dist - lam)``) and clusters above
+    ``min_size`` have zero price (true after the price rounds of :func:`_assign`).
+
+    Runs in float64 on the CPU (``dist`` is only ``[n, k]``). The members of each cluster are ranked once
+    by the cost of moving them to each other cluster, so an augmentation costs about O(k^3 + k^2 log n):
+    Bellman-Ford over the k clusters (edge i -> j = cheapest move from i to j), one point moved per edge."""
+    k = dist.shape[1]
+    dd, lab_t = dist.double().cpu(), labels.cpu()
+    d, lab = dd.tolist(), lab_t.tolist()
+    tol = 1e-9 * float(dd.abs().max())  # ignore float32 round-off "improvements" (no spurious cycles)
+    counts = torch.bincount(lab_t, minlength=k).tolist()
+    # ranked[i][j]: the initial members of i by ascending cost of moving them to j (read with a pointer
+    # that skips points gone from i); arrivals[i][j]: a heap of (cost, point) for points that joined i later.
+    ranked = []
+    for i in range(k):
+        members = (lab_t == i).nonzero().squeeze(1)
+        moves = dd[members] - dd[members, i:i + 1]
+        ranked.append(members[moves.argsort(dim=0, stable=True)].T.tolist())
+    ptr = [[0] * k for _ in range(k)]
+    arrivals: list[list[list[tuple[float, int]]]] = [[[] for _ in range(k)] for _ in range(k)]
+
+    def cheapest(i: int, j: int) -> tuple[float, int]:
+        """(cost, point) of the cheapest move of a current member of i to j."""
+        lst, p = ranked[i][j], ptr[i][j]
+        while p < len(lst) and lab[lst[p]] != i:
+            p += 1
+        ptr[i][j] = p
+        best = (d[lst[p]][j] - d[lst[p]][i], lst[p]) if p < len(lst) else (math.inf, -1)
+        heap = arrivals[i][j]
+        while heap and lab[heap[0][1]] != i:
+            heapq.heappop(heap)
+        return min(best, heap[0]) if heap else best
+
     while True:
-        counts = torch.bincount(labels, minlength=k).tolist()
         deficient = [c for c in range(k) if counts[c] < min_size]
         if not deficient:
-            return labels
-        delta = dist - dist[rows, labels].unsqueeze(1)  # delta[x, j]: cost of moving x to cluster j
-        edge = torch.full((k, k), math.inf, dtype=dist.dtype, device=dist.device)
-        edge = edge.scatter_reduce(0, labels.unsqueeze(1).expand(n, k), delta, "amin").tolist()
+            return torch.tensor(lab, dtype=torch.int64, device=labels.device)
+        edge = [[cheapest(i, j)[0] if i != j else math.inf for j in range(k)] for i in range(k)]
         best = [0.0 if counts[c] > min_size else math.inf for c in range(k)]
         pred = [-1] * k
         for _ in range(k - 1):
             for i in range(k):
                 for j in range(k):
-                    if i != j and best[i] + edge[i][j] < best[j]:
+                    if best[i] + edge[i][j] < best[j] - tol:
                         best[j], pred[j] = best[i] + edge[i][j], i
-        j, path = min(deficient, key=lambda c: best[c]), []
+        j, path = min(deficient, key=best.__getitem__), []
         while pred[j] != -1 and len(path) < k:
             path.append((pred[j], j))
             j = pred[j]
-        moves = [(int(torch.where(labels == i, delta[:, j], math.inf).argmin()), j) for i, j in path]
-        for x, j in moves:  # chosen from distinct clusters before any move: distinct points
-            labels[x] = j
+        if not path or counts[j] <= min_size:  # cannot happen while k * min_size <= n
+            raise RuntimeError("constrained assignment: no augmenting path from a cluster with spare points")
+        moves = [(cheapest(i, j)[1], i, j) for i, j in path]  # distinct clusters, hence distinct points
+        for x, i, j in moves:
+            lab[x] = j
+            counts[i] -= 1
+            counts[j] += 1
+            for t in range(k):
+                if t != j:
+                    heapq.heappush(arrivals[j][t], (d[x][t] - d[x][j], x))
 
 
 # ----------------------------------------------------------------------------------------------- k-means
@@ -164,7 +217,7 @@ def constrained_kmeans(points: torch.Tensor, k: int, min_size: int, *, seed: int
     gen = torch.Generator().manual_seed(int(seed))
     best: tuple[torch.Tensor, torch.Tensor, float] | None = None
     for _ in range(n_init):
-        centroids = _kmeans_pp(x, sq_norms, k, gen)
+        centroids = _kmeans_pp(x, sq_norms, k, min_size, gen)
         labels = None
         for _ in range(max_iter):
             new = _assign(_sq_dists(x, sq_norms, centroids), min_size)

@@ -1,6 +1,7 @@
 # Entry points; each installs what it needs into a venv on first use.
 #   make demo   - the main job
-#   make test   - the whole test suite, on the newest stack and on Axolotl 0.19's pins (what CI runs)
+#   make test   - the whole test suite: the newest stack, Axolotl 0.19's pins, and a real `axolotl train`
+#                 in its own venv (what CI runs)
 PYTHON ?= python3
 # torch 2.13.0 has a local CPU wheel on the project's machines; an unpinned torch pulls a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
@@ -37,6 +38,10 @@ test-latest: $(VENV)/.installed
 test-pins: $(VENV_PINS)/.installed
 	$(VENV_PINS)/bin/python -m pytest -m "not slow" -p no:cacheprovider
 
-test: test-latest test-pins
+# axolotl 0.19.0 in its own ~4.3 GB venv (.venv-axolotl): real `axolotl train` runs for SFT and DPO
+test-axolotl:
+	bash integrations/axolotl/ci.sh
 
-.PHONY: install demo test test-latest test-pins
+test: test-latest test-pins test-axolotl
+
+.PHONY: install demo test test-latest test-pins test-axolotl

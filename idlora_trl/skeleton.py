@@ -94,6 +94,9 @@ def decompose_layers(layers: list[tuple[str, IDLoRALayer]], adapter_name: str, c
     hook = get_plugin_manager().hook
     rank, world = rank_and_world_size()
     start = time.perf_counter()
+    # Largest weights first, so that modules clustered side by side have about the same size: under ZeRO-3 a
+    # group of `world` gathers is a collective and waits for its slowest module. Same order on every rank.
+    layers = sorted(layers, key=lambda item: -(item[1].out_features * item[1].in_features))
     owners = {name: i % world for i, (name, _) in enumerate(layers)}
     mine: dict[str, torch.Tensor] = {}
     error: Optional[str] = None
@@ -105,7 +108,10 @@ def decompose_layers(layers: list[tuple[str, IDLoRALayer]], adapter_name: str, c
             base = layer.get_base_layer()
             with hook.idlora_weight_context(module=base, module_name=name):
                 if j == rank and error is None:  # keep a float32 copy: the context may free the weight
-                    own = (name, weight_rows(base).detach().to(torch.float32, copy=True))
+                    try:
+                        own = (name, weight_rows(base).detach().to(torch.float32, copy=True))
+                    except Exception as exc:  # e.g. out of memory: shared below like a clustering error
+                        error = f"ID-LoRA could not copy the weight of module {name!r} on rank {rank}: {exc}"
         if own is not None:
             name, weight = own
             try:

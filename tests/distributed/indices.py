@@ -1,0 +1,119 @@
+"""One rank of plain `get_peft_model` runs on several processes: plain DDP, then DeepSpeed ZeRO-3.
+
+    torchrun --nproc_per_node 2 tests/distributed/indices.py OUT [--fail-rank R]
+
+1. Plain `torch.distributed` (gloo), no DeepSpeed: conftest's `make_llama(seed=0)` on every rank, then
+   `get_peft_model`. Writes OUT/ddp_rank{R}.pt: the indices and the modules this rank clustered itself.
+2. ZeRO-3: the same weights in a model partitioned by `zero.Init` (`HfDeepSpeedConfig` alive, `from_config`),
+   then a plain `get_peft_model`; the DeepSpeed plugin comes from the entry point. Writes OUT/zero3_rank{R}.pt.
+
+With `--fail-rank R`, only step 2 runs and a test plugin raises while rank R clusters its first module: every
+rank must end with an error (written to OUT/error_rank{R}.txt), none may hang. With `--crash` as well, rank R
+dies instead (`os._exit`): the launcher must end the other rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from common import CPU_CONFIG, hookimpl, idlora_config, init_deepspeed
+
+
+class CountClustering:
+    """Records which modules this rank clusters; leaves the answer to the built-in strategies."""
+
+    def __init__(self) -> None:
+        self.modules: list[str] = []
+
+    @hookimpl(tryfirst=True)
+    def idlora_select_rows(self, weight, module_name, config):
+        self.modules.append(module_name)
+        return None
+
+
+class FailOnRank:
+    """Raises (or, with `crash`, kills the process without a word) when rank `rank` clusters a module."""
+
+    def __init__(self, rank: int, crash: bool) -> None:
+        self.rank, self.crash = rank, crash
+
+    @hookimpl(tryfirst=True)
+    def idlora_select_rows(self, weight, module_name, config):
+        import torch.distributed as dist
+
+        if dist.get_rank() == self.rank:
+            if self.crash:
+                os._exit(3)
+            raise RuntimeError("injected failure")
+        return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--fail-rank", type=int, default=None)
+    parser.add_argument("--crash", action="store_true", help="with --fail-rank: die instead of raising")
+    args, _ = parser.parse_known_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    import torch
+    import torch.distributed as dist
+    from conftest import make_llama
+    from peft import get_peft_model
+
+    from idlora_trl import get_indices
+    from idlora_trl.plugins import get_plugin_manager
+
+    manager = get_plugin_manager()
+    counter = CountClustering()
+    manager.register(counter, name="test-count")
+
+    if args.fail_rank is None:
+        dist.init_process_group("gloo")  # plain DDP-style process group, no DeepSpeed
+        rank = dist.get_rank()
+        model = get_peft_model(make_llama(seed=0), idlora_config())
+        torch.save({"indices": get_indices(model), "clustered_here": list(counter.modules),
+                    "deepspeed_imported": "deepspeed" in sys.modules}, out / f"ddp_rank{rank}.pt")
+        counter.modules.clear()
+
+    rank, world = init_deepspeed()  # reuses the process group if there is one
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    ds_config = json.loads(Path(CPU_CONFIG).read_text())
+    ds_config.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, train_batch_size=world,
+                     gradient_clipping=1.0)
+    keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841  (turns zero.Init on in from_config)
+    reference = make_llama(seed=0)
+    model = AutoModelForCausalLM.from_config(reference.config)
+    q = model.model.layers[0].self_attn.q_proj.weight
+    assert tuple(q.shape) == (0,) and hasattr(q, "ds_id"), "the model is not partitioned"
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
+        if rank == 0:
+            model.load_state_dict(reference.state_dict())
+    del reference
+    if args.fail_rank is not None:
+        manager.register(FailOnRank(args.fail_rank, args.crash), name="test-fail")
+        start = time.perf_counter()
+        try:
+            get_peft_model(model, idlora_config())
+        except Exception as error:
+            (out / f"error_rank{rank}.txt").write_text(
+                f"{type(error).__name__}: {error}\nafter {time.perf_counter() - start:.2f} s\n")
+            raise
+        (out / f"no_error_rank{rank}.txt").write_text("get_peft_model returned")
+        return
+    model = get_peft_model(model, idlora_config())
+    torch.save({"indices": get_indices(model), "clustered_here": list(counter.modules),
+                "still_partitioned": tuple(q.shape) == (0,)}, out / f"zero3_rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    main()

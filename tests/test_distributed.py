@@ -1,0 +1,360 @@
+"""ID-LoRA on several processes: DeepSpeed ZeRO-3 (SFT, DPO, resume), plain DDP, and a rank that fails.
+
+The rank scripts live in tests/distributed/ and run under `torchrun --nproc_per_node 2` (DPO: two torchrun agents
+meeting through the c10d rendezvous, as two nodes do) on CPU with gloo (OMP_NUM_THREADS=1, a free port per run,
+DeepSpeed's shm-op build skipped, every run bounded by `timeout`).
+They write what they saw; the tests here compare, and rebuild the trained model in this process.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from importlib.resources import files
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_llama
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from idlora_trl import IDLoRAConfig, get_indices
+from idlora_trl.hookspecs import hookimpl
+from idlora_trl.plugins import get_plugin_manager
+
+SCRIPTS = Path(__file__).parent / "distributed"
+RUN_TIMEOUT = 240  # seconds per launch; a launch takes 10-30 s on 2 busy cores
+MODULES = 14  # 2 layers x 7 projections
+
+
+def idlora_config() -> IDLoRAConfig:  # the scripts use the same (tests/distributed/common.py)
+    return IDLoRAConfig(r=8, num_clusters=2, task_type="CAUSAL_LM")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Launch:
+    def __init__(self, returncode: int, seconds: float, log: str) -> None:
+        self.returncode, self.seconds, self.log = returncode, seconds, log
+
+    def tail(self) -> str:
+        return "\n".join(line for line in self.log.splitlines() if "Warning" not in line
+                         and "return func(" not in line and "warnings.warn(" not in line)[-8000:]
+
+
+def torchrun(script: str, *args: str, log: Path, nodes: int = 1, timeout: int = RUN_TIMEOUT) -> Launch:
+    """2 processes: `torchrun --nproc_per_node 2`, or with `nodes=2` two torchrun agents of one process each
+    that meet through the c10d rendezvous, as two nodes would."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", TOKENIZERS_PARALLELISM="false",
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    port = free_port()
+    if nodes == 1:
+        agents = [["--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port)]]
+    else:
+        agents = [["--nnodes", str(nodes), "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+                   "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", f"test-{port}"]] * nodes
+    logs = [log.with_name(f"{log.name}.{i}.log") for i in range(len(agents))]
+    start = time.monotonic()
+    procs = []
+    for agent, path in zip(agents, logs):
+        with open(path, "w") as sink:  # files, not pipes: a full pipe would stall one agent and so both
+            procs.append(subprocess.Popen(
+                ["timeout", "-k", "15", str(timeout), sys.executable, "-m", "torch.distributed.run", *agent,
+                 str(SCRIPTS / script), *args], env=env, stdout=sink, stderr=subprocess.STDOUT))
+    codes = [proc.wait(timeout=timeout + 60) for proc in procs]
+    seconds = time.monotonic() - start
+    return Launch(next((c for c in codes if c != 0), 0), seconds, "\n".join(p.read_text() for p in logs))
+
+
+def ranks(out: Path) -> list[dict]:
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("distributed")
+
+
+@pytest.fixture(scope="module")
+def sft_run(workdir) -> Path:
+    out = workdir / "sft"
+    launch = torchrun("zero3_train.py", "sft", str(out), "--max-steps", "12", "--save-steps", "6", log=out)
+    assert launch.returncode == 0, launch.tail()
+    return out
+
+
+@pytest.fixture(scope="module")
+def dpo_run(workdir) -> Path:
+    out = workdir / "dpo"
+    launch = torchrun("zero3_train.py", "dpo", str(out), "--max-steps", "10", log=out, nodes=2)  # two "nodes"
+    assert launch.returncode == 0, launch.tail()
+    return out
+
+
+@pytest.fixture(params=["sft", "dpo"])
+def zero3_run(request) -> Path:
+    return request.getfixturevalue(f"{request.param}_run")
+
+
+def losses(facts: dict, key: str = "loss") -> list[float]:
+    return [log[key] for log in facts["log_history"] if key in log and "train_runtime" not in log]
+
+
+# ------------------------------------------------------------------------------------------ ZeRO-3 + TRL
+
+
+def test_zero3_decomposition_gathers_one_weight_at_a_time(zero3_run):
+    for facts in ranks(zero3_run):
+        assert "deepspeed" in facts["plugins"]  # registered by the entry point, not by the script
+        assert facts["partitioned_at_creation"]
+        contexts = facts["weight_contexts"]
+        assert len(contexts) == MODULES
+        assert {c["context"] for c in contexts} == {"GatheredParameters"}
+        assert all(c["shape_inside"] == c["full_shape"] for c in contexts)  # the full weight, while it clusters
+        assert facts["peak_gathered_bytes"] == max(c["nbytes"] for c in contexts)  # never two at once
+        assert facts["still_partitioned_after_decomposition"]
+
+
+def test_zero3_indices_equal_on_both_ranks_and_to_one_process(zero3_run):
+    first, second = ranks(zero3_run)
+    assert first["indices_equal_across_ranks"] and second["indices_equal_across_ranks"]
+    assert first["indices_hash"] == second["indices_hash"]
+    indices = torch.load(zero3_run / "indices.pt")
+    single = one_process_indices(base_model(zero3_run))
+    assert indices.keys() == single.keys() and len(single) == MODULES
+    assert all(torch.equal(indices[name], single[name]) for name in single)
+
+
+def test_zero3_base_weights_stay_partitioned_during_training(zero3_run):
+    for facts in ranks(zero3_run):
+        checks = facts["partition_checks"]
+        assert [c["step"] for c in checks] == list(range(1, facts["global_step"] + 1))
+        assert all(c["layers"] == MODULES and c["base_partitioned"] and c["adapters_partitioned"] for c in checks)
+        assert all(c["max_shard_fraction"] == 0.5 for c in checks)  # each rank holds half of every weight
+
+
+def test_zero3_sft_loss_goes_down(sft_run):
+    first, second = ranks(sft_run)
+    loss = losses(first)
+    assert len(loss) == 12 and loss == losses(second)
+    assert sum(loss[-3:]) / 3 < sum(loss[:3]) / 3 - 0.1, loss
+
+
+def test_zero3_dpo_learns_preferences(dpo_run):
+    facts = ranks(dpo_run)[0]
+    loss, margins = losses(facts), losses(facts, "rewards/margins")
+    assert len(loss) == 10
+    assert loss[-1] < loss[0] - 0.02, loss
+    assert margins[-1] > margins[0] + 0.04, margins
+    assert losses(facts, "rewards/accuracies")[-1] >= 0.75
+
+
+class CountClustering:
+    calls = 0
+
+    @hookimpl(tryfirst=True)
+    def idlora_select_rows(self, weight, module_name, config):
+        self.calls += 1
+
+
+_ONE_PROCESS: dict[bytes, dict] = {}
+
+
+def one_process_indices(model) -> dict:
+    """The indices a plain single-process `get_peft_model` gives (cached by the weights' bytes)."""
+    key = b"".join(p.detach().numpy().tobytes() for p in model.parameters())
+    if key not in _ONE_PROCESS:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as in the ranks; k-means on tiny weights is 10x slower on 2 busy threads
+        try:
+            _ONE_PROCESS[key] = get_indices(get_peft_model(copy.deepcopy(model), idlora_config()))
+        finally:
+            torch.set_num_threads(threads)
+    return _ONE_PROCESS[key]
+
+
+def base_model(out: Path):
+    """The run's base model, rebuilt in this process from the gathered weights."""
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out / "base"))
+    model.load_state_dict(torch.load(out / "base" / "weights.pt"), strict=True)
+    return model.eval()
+
+
+def test_zero3_saved_adapter_loads_in_one_process_with_the_same_logits(zero3_run):
+    assert all(facts["logits_equal_across_ranks"] for facts in ranks(zero3_run))
+    saved = load_file(zero3_run / "adapter" / "adapter_model.safetensors")
+    assert sum(".idlora_indices" in key for key in saved) == MODULES  # the indices travel with the adapter
+    reference = torch.load(zero3_run / "logits.pt")
+    base = base_model(zero3_run)
+    with torch.no_grad():  # a fresh adapter (B = 0) gives the base model's outputs
+        before = base(input_ids=reference["input_ids"]).logits
+    counter = CountClustering()
+    get_plugin_manager().register(counter)
+    try:
+        loaded = PeftModel.from_pretrained(base, zero3_run / "adapter").eval()
+    finally:
+        get_plugin_manager().unregister(counter)
+    assert counter.calls == 0  # the indices come from the file, never from clustering again
+    indices = torch.load(zero3_run / "indices.pt")
+    assert all(torch.equal(t, indices[name]) for name, t in get_indices(loaded).items())
+    with torch.no_grad():
+        logits = loaded(input_ids=reference["input_ids"]).logits
+    torch.testing.assert_close(logits, reference["logits"], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(before, reference["logits"], atol=1e-3)  # training changed the outputs
+
+
+def test_zero3_resume_from_checkpoint_continues_training(sft_run, workdir):
+    checkpoint = sft_run / "trainer" / "checkpoint-6"
+    assert (checkpoint / "global_step6").is_dir()  # DeepSpeed's own checkpoint (optimizer partitions)
+    out = workdir / "resumed"
+    launch = torchrun("zero3_train.py", "sft", str(out), "--max-steps", "12", "--resume", str(checkpoint),
+                      log=out)
+    assert launch.returncode == 0, launch.tail()
+    resumed, uninterrupted = ranks(out)[0], ranks(sft_run)[0]
+    assert [c["step"] for c in resumed["partition_checks"]] == list(range(7, 13))  # steps 7..12 ran here
+    assert resumed["global_step"] == 12
+    assert losses(resumed)[6:] == pytest.approx(losses(uninterrupted)[6:], abs=1e-4)
+    final, at_6 = (load_file(d / "adapter_model.safetensors") for d in (out / "adapter", checkpoint))
+    expected = load_file(sft_run / "adapter" / "adapter_model.safetensors")
+    assert final.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(final[key], expected[key], rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(final[k], at_6[k]) for k in expected if "idlora_B" in k)  # it did train on
+
+
+# ------------------------------------------------------------------------------- plain get_peft_model
+
+
+@pytest.fixture(scope="module")
+def indices_run(workdir) -> Path:
+    out = workdir / "indices"
+    launch = torchrun("indices.py", str(out), log=out)
+    assert launch.returncode == 0, launch.tail()
+    return out
+
+
+@pytest.mark.parametrize("kind", ["ddp", "zero3"])
+def test_get_peft_model_on_two_ranks_matches_one_process(indices_run, kind):
+    single = one_process_indices(make_llama(seed=0))
+    runs = [torch.load(indices_run / f"{kind}_rank{r}.pt") for r in (0, 1)]
+    for run in runs:
+        assert run["indices"].keys() == single.keys() and len(single) == MODULES
+        assert all(torch.equal(run["indices"][name], single[name]) for name in single)
+    clustered = [set(run["clustered_here"]) for run in runs]
+    assert len(clustered[0]) == len(clustered[1]) == MODULES // 2  # the work was split over the ranks
+    assert clustered[0] | clustered[1] == set(single)
+    if kind == "ddp":
+        assert not any(run["deepspeed_imported"] for run in runs)  # the plugin imports DeepSpeed lazily
+    else:
+        assert all(run["still_partitioned"] for run in runs)
+
+
+@pytest.mark.parametrize("how", ["exception", "crash"])
+def test_a_rank_failing_in_the_decomposition_fails_every_rank(workdir, how):
+    out = workdir / f"fail-{how}"
+    launch = torchrun("indices.py", str(out), "--fail-rank", "1", *(["--crash"] if how == "crash" else []),
+                      log=out, timeout=150)
+    assert launch.returncode not in (0, 124, 137), launch.tail()  # an error, not a hang killed by timeout
+    assert launch.seconds < 120
+    assert not list(out.glob("no_error_rank*.txt"))
+    if how == "exception":  # the core shares the error: both ranks raise it
+        for rank in (0, 1):
+            message = (out / f"error_rank{rank}.txt").read_text()
+            assert "failed on rank 1: injected failure" in message, message
+    else:  # rank 1 dies without a word: the launcher ends rank 0
+        assert "exitcode" in launch.log
+
+
+# ------------------------------------------------------------------------------- configs and one process
+
+
+def test_configs_and_hostfile_are_valid():
+    from deepspeed.launcher.runner import _parse_hostfile
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    folder = files("idlora_trl.integrations.deepspeed")
+    for name, bf16 in (("zero3_cpu_fp32.json", False), ("zero3_bf16.json", True)):
+        hf = HfTrainerDeepSpeedConfig(json.loads((folder / name).read_text()))
+        assert hf.is_zero3()
+        hf.fill_match("train_micro_batch_size_per_gpu", 2)
+        hf.fill_match("gradient_accumulation_steps", 2)
+        hf.fill_match("train_batch_size", 4)  # DeepSpeedConfig checks it against a world of one here
+        hf.fill_match("gradient_clipping", 1.0)
+        hf.fill_match("bf16.enabled", bf16)
+        for key in ("zero_optimization.reduce_bucket_size", "zero_optimization.stage3_prefetch_bucket_size",
+                    "zero_optimization.stage3_param_persistence_threshold"):
+            hf.fill_match(key, 4096)
+        assert "auto" not in json.dumps(hf.config)
+        config = DeepSpeedConfig(hf.config)
+        assert config.zero_optimization_stage == 3 and config.bfloat16_config.enabled == bf16
+        assert "optimizer" not in hf.config  # HF's AdamW: no JIT-built cpu_adam
+    pool = _parse_hostfile((folder / "hostfile.example").read_text().splitlines())
+    assert list(pool.values()) == [8, 8]
+
+
+@pytest.fixture
+def zero3_in_this_process(monkeypatch):
+    """A world of one process with DeepSpeed initialised, torn down afterwards (env, process group, config)."""
+    import deepspeed
+    import deepspeed.comm as ds_comm
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group already exists in this pytest process")
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), DS_ACCELERATOR="cpu").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(importlib.import_module("deepspeed.comm.torch"), "build_shm_op", lambda: None)
+    saved_env, threads = dict(os.environ), torch.get_num_threads()
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        if ds_comm.is_initialized():
+            ds_comm.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        for key in set(os.environ) - set(saved_env):  # whatever init_distributed added
+            monkeypatch.delenv(key)
+
+
+def test_zero3_in_one_process_gathers_for_a_plain_get_peft_model(zero3_in_this_process):
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    ds_config = json.loads((files("idlora_trl.integrations.deepspeed") / "zero3_cpu_fp32.json").read_text())
+    ds_config.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, train_batch_size=1,
+                     gradient_clipping=1.0)
+    reference = make_llama(seed=0)
+    single = one_process_indices(reference)
+    keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841  (zero.Init in from_config)
+    model = AutoModelForCausalLM.from_config(reference.config)
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
+        model.load_state_dict(reference.state_dict())
+    weight = model.model.layers[1].mlp.down_proj.weight
+    assert tuple(weight.shape) == (0,) and tuple(weight.ds_shape) == (64, 128)  # partitioned, world of one
+    peft_model = get_peft_model(model, idlora_config())
+    assert tuple(weight.shape) == (0,)  # released again after the decomposition
+    indices = get_indices(peft_model)
+    assert indices.keys() == single.keys() and len(single) == MODULES
+    assert all(torch.equal(indices[name], single[name]) for name in single)

@@ -82,7 +82,7 @@ def test_a_bad_plugin_answer_is_reported_with_the_module():
     plugin = WrongShape()
     get_plugin_manager().register(plugin)
     try:
-        with pytest.raises(ValueError, match=r"module 'model.layers.0.self_attn.q_proj' has shape \(3,\)"):
+        with pytest.raises(ValueError, match=r"module 'model\.layers\.\d\.[a-z_.]+' has shape \(3,\)"):
             get_peft_model(make_llama(), IDLoRAConfig(r=8, num_clusters=2))
     finally:
         get_plugin_manager().unregister(plugin)

@@ -40,6 +40,16 @@ def init_deepspeed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def shutdown() -> None:
+    """End the process group on every rank before the interpreter exits: left alive, gloo's threads can make
+    one rank abort at exit ("terminate called without an active exception"), which fails the launch."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def indices_hash(indices: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for name in sorted(indices):

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import CPU_CONFIG, hookimpl, idlora_config, init_deepspeed
+from common import CPU_CONFIG, hookimpl, idlora_config, init_deepspeed, shutdown
 
 
 class CountClustering:
@@ -117,3 +117,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    shutdown()

@@ -31,7 +31,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import CPU_CONFIG, WeightContextProbe, hookimpl, write_json
+from common import CPU_CONFIG, WeightContextProbe, hookimpl, shutdown, write_json
 
 
 def rss_mb() -> float:
@@ -196,3 +196,4 @@ def replay(cpu_s: dict[str, float], model) -> dict:
 
 if __name__ == "__main__":
     main()
+    shutdown()

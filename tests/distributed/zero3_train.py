@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from common import (BF16_CONFIG, CPU_CONFIG, WeightContextProbe, all_equal_across_ranks, base_name, dpo_dataset,
-                    idlora_config, indices_hash, init_deepspeed, sft_dataset, tiny_llama_config, write_json)
+                    idlora_config, indices_hash, init_deepspeed, sft_dataset, shutdown, tiny_llama_config, write_json)
 
 
 def main() -> None:
@@ -139,3 +139,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    shutdown()

@@ -1,22 +1,20 @@
-"""The `idlora-trl` command line.
+"""`idlora-trl demo` and `idlora-trl count`.
 
 - `idlora-trl demo`: adapts the embedded SmolLM2-135M-Instruct with ID-LoRA, prints the parameter table
   against LoRA and DoRA, saves the adapter and reloads it (bit-exact, without re-clustering).
 - `idlora-trl count`: the parameter table for a model path, a config file, or a known architecture, built on
   the meta device (no weights are read).
-
-Bad input ends with a one-line error and exit status 2, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-import warnings
 
 import torch
+
+from .common import UsageError, add_idlora_arguments, idlora_config
 
 PRESETS = {  # shapes from the public configs; enough to count parameters on the meta device
     "llama-3.2-3b": dict(model_type="llama", hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
@@ -29,34 +27,6 @@ PRESETS = {  # shapes from the public configs; enough to count parameters on the
                        num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
                        tie_word_embeddings=False),
 }
-
-
-class UsageError(Exception):
-    """A problem with what the user asked for: reported in one line, exit status 2."""
-
-
-def add_idlora_arguments(parser: argparse.ArgumentParser, r: int = 32) -> None:
-    group = parser.add_argument_group("ID-LoRA")
-    group.add_argument("--r", type=int, default=r, help="rank r: skeleton rows per cluster (default %(default)s)")
-    group.add_argument("--num-clusters", type=int, default=4, help="clusters k (default %(default)s)")
-    group.add_argument("--rank-boost", type=int, default=2, help="rank-boost factor f (default %(default)s)")
-    group.add_argument("--router", default="token", choices=["token", "static"])
-    group.add_argument("--selection", default="pmrc", choices=["pmrc", "random", "sequential"])
-    group.add_argument("--target-modules", default="all-linear",
-                       help="comma-separated module names, or all-linear (default)")
-    group.add_argument("--lora-r", type=int, default=None, help="LoRA/DoRA rank to compare with (default r/4)")
-
-
-def idlora_config(args: argparse.Namespace):
-    from .config import IDLoRAConfig
-
-    targets = args.target_modules if args.target_modules == "all-linear" else args.target_modules.split(",")
-    try:
-        return IDLoRAConfig(r=args.r, num_clusters=args.num_clusters, rank_boost=args.rank_boost,
-                            router=args.router, selection=args.selection, target_modules=targets,
-                            task_type="CAUSAL_LM")
-    except ValueError as error:
-        raise UsageError(str(error)) from error
 
 
 def meta_model(source: str):
@@ -80,7 +50,7 @@ def meta_model(source: str):
 def cmd_count(args: argparse.Namespace) -> None:
     from peft import get_peft_model
 
-    from .counting import count_parameters, format_parameter_table
+    from ..counting import count_parameters, format_parameter_table
 
     model = meta_model(args.model)
     try:
@@ -93,8 +63,8 @@ def cmd_count(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from peft import PeftModel, get_peft_model
 
-    from .counting import count_parameters, format_parameter_table
-    from .smollm2 import load_smollm2, smollm2_path
+    from ..counting import count_parameters, format_parameter_table
+    from ..smollm2 import load_smollm2, smollm2_path
 
     start = time.perf_counter()
     model, tokenizer = load_smollm2()
@@ -135,10 +105,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
         raise SystemExit("demo check failed")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="idlora-trl", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def register(commands) -> None:
+    """Add `demo` and `count` to the `idlora-trl` subcommands."""
     demo = commands.add_parser("demo", help="adapt SmolLM2-135M with ID-LoRA, print the table, save and reload")
     add_idlora_arguments(demo)
     demo.add_argument("--output-dir", default="outputs/demo-adapter")
@@ -148,20 +116,3 @@ def build_parser() -> argparse.ArgumentParser:
     count.add_argument("model", help=f"a model directory, a config.json, or one of {', '.join(PRESETS)}")
     add_idlora_arguments(count, r=128)
     count.set_defaults(func=cmd_count)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> None:
-    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")  # PEFT vs transformers
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except UsageError as error:
-        print(f"idlora-trl {args.command}: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-if __name__ == "__main__":
-    main()

@@ -6,7 +6,6 @@ folder, and the pytest side compares. Run on CPU with gloo; DeepSpeed's shm-op J
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 import os
@@ -19,11 +18,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: conftest's tiny tokenizer
-
-import torch  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: conftest's tiny tokenizer, launch.py
 
 from idlora_trl.hookspecs import hookimpl  # noqa: E402
+from launch import indices_hash  # noqa: E402,F401  (re-exported for the rank scripts)
 
 CPU_CONFIG = str(files("idlora_trl.integrations.deepspeed") / "zero3_cpu_fp32.json")
 BF16_CONFIG = str(files("idlora_trl.integrations.deepspeed") / "zero3_bf16.json")
@@ -48,14 +46,6 @@ def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-
-
-def indices_hash(indices: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(indices):
-        digest.update(name.encode())
-        digest.update(indices[name].to(torch.int64).contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def all_equal_across_ranks(value) -> bool:

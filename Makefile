@@ -1,5 +1,7 @@
 # Entry points; each installs what it needs into a venv on first use.
-#   make demo   - the main job
+#   make sft    - the main job: `idlora-trl sft` (ID-LoRA SFT of the embedded SmolLM2-135M on built-in tasks)
+#   make dpo    - `idlora-trl dpo` (safety DPO on the built-in preference set)
+#   make demo   - adapt the embedded model, print the parameter table, save and reload
 #   make test   - the whole test suite: the newest stack, Axolotl 0.19's pins, and a real `axolotl train`
 #                 in its own venv (what CI runs)
 PYTHON ?= python3
@@ -28,6 +30,12 @@ $(VENV_PINS)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+sft: $(VENV)/.installed
+	$(VENV)/bin/idlora-trl sft
+
+dpo: $(VENV)/.installed
+	$(VENV)/bin/idlora-trl dpo
+
 demo: $(VENV)/.installed
 	$(VENV)/bin/idlora-trl demo
 
@@ -44,4 +52,4 @@ test-axolotl:
 
 test: test-latest test-pins test-axolotl
 
-.PHONY: install demo test test-latest test-pins test-axolotl
+.PHONY: install sft dpo demo test test-latest test-pins test-axolotl

@@ -20,6 +20,8 @@ adapter gathers from the frozen layer's output. Everything here is pure torch an
   so the constraint always holds;
 * update: centroids are the means of their points (a one-hot matmul: deterministic on CUDA too);
   stop when the assignment no longer changes or after ``max_iter`` rounds; keep the best of ``n_init``.
+  The ``n_init`` restarts are seeded one after another (same draws as alone), then iterated together, one
+  distance matmul and one means matmul per round for all restarts still moving.
 
 All arithmetic is float32 on the input's device, except the shortest-path repair (float64 on the CPU, it
 only sees the ``[n, k]`` distances); inertias are accumulated in float64.
@@ -50,14 +52,6 @@ def _own_sq_dists(points: torch.Tensor, centroids: torch.Tensor, labels: torch.T
     """Exact ``||x_i - c_{labels_i}||^2`` per point (direct differences, in row chunks to bound memory)."""
     return torch.cat([(points[s:s + chunk] - centroids[labels[s:s + chunk]]).pow(2).sum(1)
                       for s in range(0, points.shape[0], chunk)])
-
-
-def _means(points: torch.Tensor, labels: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """Cluster means; an empty cluster (possible only when ``min_size == 0``) keeps its old centroid."""
-    onehot = torch.nn.functional.one_hot(labels, old.shape[0]).to(points.dtype)
-    counts = onehot.sum(0)
-    means = (onehot.T @ points) / counts.clamp(min=1.0).unsqueeze(1)
-    return torch.where(counts.unsqueeze(1) > 0, means, old)
 
 
 def _kmeans_pp(points: torch.Tensor, sq_norms: torch.Tensor, k: int, min_size: int,
@@ -215,20 +209,48 @@ def constrained_kmeans(points: torch.Tensor, k: int, min_size: int, *, seed: int
         raise ValueError("points contain NaN or Inf values; clean the input before clustering.")
     sq_norms = x.pow(2).sum(1)
     gen = torch.Generator().manual_seed(int(seed))
-    best: tuple[torch.Tensor, torch.Tensor, float] | None = None
-    for _ in range(n_init):
-        centroids = _kmeans_pp(x, sq_norms, k, min_size, gen)
-        labels = None
-        for _ in range(max_iter):
-            new = _assign(_sq_dists(x, sq_norms, centroids), min_size)
-            if labels is not None and torch.equal(new, labels):
-                break
-            labels = new
-            centroids = _means(x, labels, centroids)
-        inertia = float(_own_sq_dists(x, centroids, labels).sum(dtype=torch.float64))
-        if best is None or inertia < best[2]:
-            best = (labels, centroids, inertia)
-    return best
+    starts = [_kmeans_pp(x, sq_norms, k, min_size, gen) for _ in range(n_init)]  # the draws in restart order
+    labels, centroids = _lloyd(x, sq_norms, starts, min_size, max_iter)
+    # Every centroid is the mean of its points, so a restart's inertia is sum ||x||^2 - sum_c n_c ||c||^2:
+    # the restarts are ranked without a pass over the points, and only the winner's is computed directly.
+    total = float(sq_norms.sum(dtype=torch.float64))
+    ranked = [total - float((torch.bincount(lab, minlength=k).double() * cen.double().pow(2).sum(1)).sum())
+              for lab, cen in zip(labels, centroids)]
+    best = min(range(n_init), key=ranked.__getitem__)
+    inertia = float(_own_sq_dists(x, centroids[best], labels[best]).sum(dtype=torch.float64))
+    return labels[best], centroids[best], inertia
+
+
+def _lloyd(x: torch.Tensor, sq_norms: torch.Tensor, starts: list[torch.Tensor], min_size: int,
+           max_iter: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Lloyd iterations (constrained assignment, then means) of all restarts at once: one distance matmul
+    and one one-hot means matmul per round for every restart still moving, instead of one per restart. Each
+    restart stops when its assignment no longer changes (or after ``max_iter`` rounds) and is left as it is;
+    every restart runs exactly the iterations it would run alone."""
+    n, k = x.shape[0], starts[0].shape[0]
+    centroids, labels = list(starts), [None] * len(starts)
+    moving = list(range(len(starts)))
+    rows = torch.arange(n, device=x.device)
+    for _ in range(max_iter):
+        dist = _sq_dists(x, sq_norms, torch.cat([centroids[i] for i in moving]))  # [n, len(moving) * k]
+        still = []
+        for j, i in enumerate(moving):
+            new = _assign(dist[:, j * k:(j + 1) * k].contiguous(), min_size)
+            if labels[i] is None or not torch.equal(new, labels[i]):
+                labels[i] = new
+                still.append(i)
+        moving = still
+        if not moving:
+            break
+        onehot = x.new_zeros(n, len(moving) * k)
+        for j, i in enumerate(moving):
+            onehot[rows, labels[i] + j * k] = 1.0
+        counts = onehot.sum(0)
+        means = (onehot.T @ x) / counts.clamp(min=1.0).unsqueeze(1)
+        for j, i in enumerate(moving):  # an empty cluster (only when min_size == 0) keeps its old centroid
+            block = slice(j * k, (j + 1) * k)
+            centroids[i] = torch.where(counts[block].unsqueeze(1) > 0, means[block], centroids[i])
+    return labels, centroids
 
 
 # -------------------------------------------------------------------------------------------- selection

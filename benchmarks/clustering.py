@@ -383,14 +383,15 @@ def _render_profile(rows: list) -> str:
     text = ["**Where our clustering time goes** (one instrumented `select_rows` run per matrix; the library's "
             "helpers are wrapped with timers, so the shares are approximate)", "",
             table(["matrix", "total, s", "k-means++ init", "distance matmuls", "constrained assignment",
-                   "centroid means", "per-restart inertia + row picking", "other", "Lloyd iterations per restart",
+                   "centroid means", "inertia + row picking", "other", "Lloyd iterations per restart",
                    "Lloyd assignments where the size constraint binds / shortest-path repairs"], body), ""]
     if body:
         big = max(rows, key=lambda r: r["profile"]["total"])
         text += [f"On the largest profiled matrix ({big['name']}): " + ", ".join(
-            f"{name} {100 * share:.0f}%" for name, share in _shares(big["profile"])[:3]) + " of the time. Each Lloyd iteration reads the "
-            "whole matrix twice (distances to the k centroids, then the new means), both matrix products with only "
-            "k columns, so they are memory-bound; the 10 restarts run one after the other.", ""]
+            f"{name} {100 * share:.0f}%" for name, share in _shares(big["profile"])[:3]) + " of the time. Each Lloyd round reads the "
+            "whole matrix twice (distances to the centroids of every restart still moving, then their means), "
+            "matrix products with at most 10 k columns, so they are memory-bound; the k-means++ seeding of the 10 "
+            "restarts runs one after the other.", ""]
     return "\n".join(text)
 
 

@@ -18,7 +18,8 @@ def add_idlora_arguments(parser: argparse.ArgumentParser, r: int = 32) -> None:
     group.add_argument("--rank-boost", type=int, default=2, help="rank-boost factor f (default %(default)s)")
     group.add_argument("--router", default="token", choices=["token", "static"])
     group.add_argument("--selection", default="pmrc",
-                       help="row selection: pmrc (the paper's), random, sequential, or a plugin's (default %(default)s)")
+                       help="row selection: pmrc (the paper's), random, sequential, or a plugin's "
+                            "(default %(default)s)")
     group.add_argument("--target-modules", default="all-linear",
                        help="comma-separated module names, or all-linear (default)")
     group.add_argument("--lora-r", type=int, default=None, help="LoRA/DoRA rank to compare with (default r/4)")

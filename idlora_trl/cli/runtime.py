@@ -171,7 +171,7 @@ def use_our_printer(trainer, callback) -> None:
 def _index_cache(opts, peft_config) -> Optional[str]:
     """Where the embedded model's indices for these settings are cached (`None`: no caching).
 
-    Clustering all target modules of SmolLM2 takes about a minute on 2 cores; the indices depend only on the
+    Clustering the default target modules of SmolLM2 takes about 15 s on 2 cores; the indices depend only on the
     frozen weights and the decomposition settings, so later runs with the same settings reuse them (the
     project's "cluster once" file, written for you). Never used for other models, with --indices-path, or in a
     distributed run (ranks that disagree on whether a cached file exists would not cluster alike)."""

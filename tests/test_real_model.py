@@ -1,7 +1,7 @@
 """The real model: a few ID-LoRA SFT steps on SmolLM2-135M-Instruct raise held-out accuracy on a built-in task.
 
 Runs `idlora-trl sft` in-process on the built-in arithmetic task (held-out names, objects and number pairs)
-with the default ID-LoRA settings: 16 steps, about 50 s of training on 2 CPU cores, plus about 30 s of PMRC
+with the default ID-LoRA settings: 16 steps, about 50 s of training on 2 CPU cores, plus about 15 s of PMRC
 clustering the first time (`idlora-trl sft` caches the embedded model's indices).
 
 Why arithmetic and not sentiment: with ID-LoRA, SmolLM2 learns the sentiment task's answer format within 16

@@ -130,6 +130,13 @@ def test_config_file_sets_values_and_flags_override(tmp_path, suffix):
     assert _resolve(["sft"]).max_steps != 7  # defaults apply without a file
 
 
+def test_launcher_arguments_are_accepted():
+    """The deepspeed launcher adds --local_rank=N; torchrun needs --idlora-r (it takes --r for its own options)."""
+    opts = _resolve(["sft", "--local_rank=1", "--idlora-r", "16", "--deepspeed", "ds.json", "--bf16"])
+    assert (opts.r, opts.local_rank, opts.deepspeed, opts.bf16) == (16, 1, "ds.json", True)
+    assert _resolve(["dpo", "--r", "8"]).r == 8
+
+
 def _expect_usage_error(argv, message, capsys):
     with pytest.raises(SystemExit) as info:
         main(argv)

@@ -17,18 +17,18 @@ def _prompt(row) -> str:
 
 @pytest.mark.parametrize("task", data.SFT_TASKS)
 def test_sft_task_format_and_disjoint_splits(task):
-    train, test = (data.sft_rows(split, [task]) for split in ("train", "test"))
-    assert len(train) >= 90 and len(test) >= 36
-    for row in train + test:
+    train, validation, test = (data.sft_rows(split, [task]) for split in data.SFT_SPLITS)
+    assert len(train) >= 90 and len(validation) >= 36 and len(test) >= 100  # the quality protocol's sizes
+    for row in train + validation + test:
         assert row["task"] == task
         assert [m["role"] for m in row["prompt"]] == ["user"]
         assert [m["role"] for m in row["completion"]] == ["assistant"]
         assert row["answer"].strip() == row["answer"] != ""
         if task != "arithmetic":
             assert row["completion"][0]["content"] == row["answer"]
-    train_prompts = {_prompt(r) for r in train}
-    assert len(train_prompts) == len(train)  # no duplicates either
-    assert not train_prompts & {_prompt(r) for r in test}
+    prompts = [{_prompt(r) for r in rows} for rows in (train, validation, test)]
+    assert [len(p) for p in prompts] == [len(train), len(validation), len(test)]  # no duplicates either
+    assert not prompts[0] & prompts[1] and not prompts[0] & prompts[2] and not prompts[1] & prompts[2]
 
 
 def test_sft_rows_are_deterministic_and_balanced():
@@ -44,7 +44,9 @@ def test_sft_rows_are_deterministic_and_balanced():
 
 
 def test_arithmetic_answers_are_right_and_names_held_out():
-    for split in ("train", "test"):
+    calculations = {}
+    for split in data.SFT_SPLITS:
+        calculations[split] = {r["completion"][0]["content"] for r in data.sft_rows(split, ["arithmetic"])}
         for row in data.sft_rows(split, ["arithmetic"]):
             a, b = map(int, re.findall(r"\d+", _prompt(row))[:2])
             added = "more" in _prompt(row)
@@ -55,15 +57,22 @@ def test_arithmetic_answers_are_right_and_names_held_out():
     test_text = " ".join(_prompt(r) for r in data.sft_rows("test", ["arithmetic"]))
     train_text = " ".join(_prompt(r) for r in data.sft_rows("train", ["arithmetic"]))
     assert not any(re.search(rf"\b{n}\b", test_text) for n in sft_tasks.TRAIN_NAMES)
-    assert not any(re.search(rf"\b{n}\b", train_text) for n in sft_tasks.TEST_NAMES)
+    assert not any(re.search(rf"\b{n}\b", train_text) for n in sft_tasks.TEST_NAMES + sft_tasks.VALIDATION_NAMES)
+    assert not calculations["train"] & calculations["test"]  # "4 + 6 = 10" is never both learnt and tested
+    assert not calculations["train"] & calculations["validation"]
+    assert not calculations["validation"] & calculations["test"]
 
 
 def test_sentiment_holds_out_adjectives_and_templates():
     train_text = " ".join(_prompt(r) for r in data.sft_rows("train", ["sentiment"]))
-    for adj in sft_tasks.TEST_POSITIVE + sft_tasks.TEST_NEGATIVE:
+    validation_text = " ".join(_prompt(r) for r in data.sft_rows("validation", ["sentiment"]))
+    held_out = (sft_tasks.TEST_POSITIVE + sft_tasks.TEST_NEGATIVE, sft_tasks.TEST_REVIEW_TEMPLATES)
+    for adj in held_out[0]:
+        assert not re.search(rf"\b{adj}\b", train_text + validation_text), adj
+    for template in held_out[1]:
+        assert template.split("{")[0] not in train_text + validation_text
+    for adj in sft_tasks.VALIDATION_POSITIVE + sft_tasks.VALIDATION_NEGATIVE:
         assert not re.search(rf"\b{adj}\b", train_text), adj
-    for template in sft_tasks.TEST_REVIEW_TEMPLATES:
-        assert template.split("{")[0] not in train_text
     test = data.sft_rows("test", ["sentiment"])
     labels = [r["answer"] for r in test]
     assert labels.count("POSITIVE") == labels.count("NEGATIVE")  # balanced: majority guessing scores 0.5
@@ -73,7 +82,8 @@ def test_sentiment_holds_out_adjectives_and_templates():
 
 def test_instructions_use_held_out_words_and_exact_outputs():
     train_text = " ".join(_prompt(r) for r in data.sft_rows("train", ["instructions"]))
-    assert not any(f'"{w}"' in train_text for w in sft_tasks.TEST_WORDS)
+    assert not any(f'"{w}"' in train_text for w in sft_tasks.TEST_WORDS + sft_tasks.VALIDATION_WORDS)
+    assert not set(sft_tasks.TEST_WORDS) & set(sft_tasks.VALIDATION_WORDS)
     answers = {r["answer"] for r in data.sft_rows("test", ["instructions"])}
     assert {"LEMON", "lemon lemon lemon", "[lemon]"} <= answers
 
@@ -82,7 +92,9 @@ def test_unknown_task_and_split_are_errors():
     with pytest.raises(data.DataError, match="unknown built-in task"):
         data.sft_rows("train", "sentiment,poetry")
     with pytest.raises(data.DataError, match="unknown split"):
-        data.sft_rows("validation")
+        data.sft_rows("dev")
+    with pytest.raises(data.DataError, match="unknown split"):
+        data.dpo_rows("validation")  # the safety set has no validation split
 
 
 def test_safety_pairs_point_the_right_way():

@@ -7,7 +7,8 @@ Built-in data is generated in code from a seed (no files, no downloads), in TRL'
 - DPO (`dpo_dataset`): a safety set, harmful requests with refusal chosen and benign requests with help
   chosen (`idlora_trl.data.safety`), prompt/chosen/rejected rows with a `kind` column.
 
-Each has a `"train"` split and a held-out `"test"` split that shares no item with it.
+Each has a `"train"` split and a held-out `"test"` split that shares no item with it; the SFT tasks also have a
+`"validation"` split, disjoint from both, for choosing hyper-parameters (`benchmarks/quality.py`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from typing import Iterable, Optional
 from .safety import refusal_prompts, safety_pairs
 from .sft_tasks import TASKS
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "test")  # the safety (DPO) set
+SFT_SPLITS = ("train", "validation", "test")
 SFT_TASKS = tuple(TASKS)
 
 
@@ -26,9 +28,9 @@ class DataError(ValueError):
     """A dataset that cannot be used: a bad path, a missing column, an unknown task (one-line message)."""
 
 
-def _check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise DataError(f"unknown split {split!r}; choose one of {SPLITS}")
+def _check_split(split: str, splits: tuple[str, ...] = SPLITS) -> None:
+    if split not in splits:
+        raise DataError(f"unknown split {split!r}; choose one of {splits}")
 
 
 def parse_tasks(tasks: Optional[Iterable[str] | str]) -> list[str]:
@@ -45,7 +47,7 @@ def parse_tasks(tasks: Optional[Iterable[str] | str]) -> list[str]:
 def sft_rows(split: str = "train", tasks=None, seed: int = 0, per_task: Optional[int] = None) -> list[dict]:
     """Rows of the built-in SFT tasks, interleaved round-robin so that every prefix is balanced across tasks.
     `per_task` keeps the first `per_task` rows of each task (a fixed, shuffled order)."""
-    _check_split(split)
+    _check_split(split, SFT_SPLITS)
     lists = [TASKS[name](split, seed)[:per_task] for name in parse_tasks(tasks)]
     rows, longest = [], max(len(rows) for rows in lists)
     for i in range(longest):
@@ -133,5 +135,5 @@ def check_columns(columns: Iterable[str], kind: str, source: str = "dataset") ->
         raise DataError(f"{source!r} has columns {sorted(columns)}; {kind} needs {wanted}")
 
 
-__all__ = ["DataError", "SFT_TASKS", "SPLITS", "check_columns", "dpo_dataset", "dpo_rows", "load_dataset",
+__all__ = ["DataError", "SFT_SPLITS", "SFT_TASKS", "SPLITS", "check_columns", "dpo_dataset", "dpo_rows", "load_dataset",
            "parse_tasks", "refusal_prompts", "sft_dataset", "sft_rows"]

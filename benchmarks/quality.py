@@ -1,430 +1,245 @@
-"""Section 4: held-out accuracy of LoRA, DoRA and ID-LoRA on the built-in multi-task set, and ID-LoRA ablations.
+"""Section 4: does ID-LoRA learn as well as LoRA at about half the parameters? A protocol that can tell.
 
-SmolLM2-135M-Instruct (fp32) is fine-tuned with TRL on `idlora_trl.data.sft_dataset("train")` (arithmetic,
-sentiment, instructions; generated from seed 0 for every run) and scored by greedy generation on the held-out
-`sft_dataset("test", per_task=N)` with `idlora_trl.evaluation.evaluate_accuracy` (exact match per task):
-- main comparison, `--seeds` training seeds, run interleaved by seed (LoRA, DoRA, ID-LoRA, LoRA, ...):
-  PEFT LoRA and DoRA at rank p through `trl.SFTTrainer(peft_config=LoraConfig(...))`, ID-LoRA at rank 4p
-  through `idlora_trl.IDLoRASFTTrainer`, all with the same `SFTConfig`;
-- ID-LoRA ablations (`--ablation-seeds`, default 1): selection random / sequential, static router,
-  rank_boost 1, k = 2 and 8 (r lowered so that k * r fits the smallest targeted d_out, with a k = 4 control at
-  that r). Each changes one setting of the default ID-LoRA.
-The clustering seed stays 0 (the decomposition is computed once per setting and reused), so the seed spread
-measures the training randomness: router initialisation and data order (and LoRA's A initialisation).
+SmolLM2-135M-Instruct (fp32) is fine-tuned with TRL on the built-in multi-task set (`sft_dataset("train")`),
+at the main job's targets, step count, batch, schedule and length (`idlora-trl sft`'s defaults):
+
+1. **Learning-rate grid, on validation only.** Every method (PEFT LoRA and DoRA at rank p, PEFT VeRA, ID-LoRA
+   at rank 4p) trains at each rate of one log-spaced grid with `--grid-seeds` seeds; its rate is the one with the
+   lowest mean validation answer NLL (`sft_dataset("validation")`, disjoint from train and test). A method whose
+   best rate lies on an edge of the grid gets the next rate beyond it, until its best is inside (at most
+   `--max-extend` steps), so no method is judged at a rate that cuts its curve short.
+2. **Test, at the chosen rates**: `--test-seeds` training seeds per method (the grid's seeds are reused), scored on
+   `--test-per-task` test items per task: exact match (greedy generation) and answer NLL (teacher-forced).
+   Mean, sample standard deviation and a 95% t-interval over seeds.
+3. **Ablations** of ID-LoRA, one setting changed from the default each, each at its own best rate from the
+   grid (searched over the default's chosen rate and `--ablation-span` grid steps either side, with
+   `--ablation-grid-seeds` seeds), then `--ablation-seeds` seeds on test.
+
+Every run is one JSON under `--quality-dir` (`quality_run.py`); a later invocation resumes from them, so the
+protocol can be spread over several sittings (`--quality-minutes` stops starting new runs after that long).
+`diagnose.py` adds the measurements that explain the differences.
 """
 from __future__ import annotations
 
-import contextlib
-import copy
-import gc
-import io
-import json
+import math
 import os
-import tempfile
 import time
 
-import torch
+from common import log, pyplot, save_plot, table
+from quality_run import METHODS, Bench, Spec, mean
 
-from common import log, median, pyplot, save_plot, spread, table, tiny_llama, tiny_tokenizer
-
-try:  # the CLI's settings for ID-LoRA SFT
+try:  # the main job's settings
     from idlora_trl.cli.args import DEFAULT_TARGETS, SFT_DEFAULTS
 except ImportError:  # the CLI package mid-edit: the same values
     DEFAULT_TARGETS = "q_proj,k_proj,v_proj,gate_proj,up_proj"
-    SFT_DEFAULTS = dict(learning_rate=2e-3, lr_scheduler="cosine", warmup_steps=3, batch_size=8, max_length=128)
+    SFT_DEFAULTS = dict(lr_scheduler="cosine", warmup_steps=3, max_steps=60, batch_size=8, max_length=128)
 
-METHODS = ("LoRA", "DoRA", "ID-LoRA")
+HERE = os.path.dirname(os.path.abspath(__file__))
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}  # two-sided 95% Student t quantiles by degrees of freedom
 
 
 def add_arguments(parser) -> None:
-    group = parser.add_argument_group("quality")
-    group.add_argument("--seeds", type=int, default=3, help="training seeds of the main comparison")
-    group.add_argument("--ablation-seeds", type=int, default=1, help="training seeds of each ID-LoRA ablation")
-    group.add_argument("--quality-steps", type=int, default=40, help="optimizer steps per run")
-    group.add_argument("--quality-batch", type=int, default=SFT_DEFAULTS["batch_size"], help="rows per step")
-    group.add_argument("--eval-per-task", type=int, default=32, help="held-out items per task")
-    group.add_argument("--quality-p", type=int, default=8, help="LoRA/DoRA rank p; ID-LoRA gets 4p")
-    group.add_argument("--lr-idlora", type=float, default=SFT_DEFAULTS["learning_rate"],
-                       help="ID-LoRA learning rate (default: the CLI's)")
-    group.add_argument("--lr-lora", type=float, default=1e-3, help="LoRA and DoRA learning rate")
-    group.add_argument("--lr-sweep", default=None, metavar="SPEC",
-                       help="choose each method's lr from a one-seed sweep first, e.g. "
-                            "'LoRA=3e-4,1e-3,3e-3;DoRA=3e-4,1e-3,3e-3;ID-LoRA=1e-3,2e-3,4e-3' (by the mean training "
-                            "loss of the last quarter of the steps: fresh batches, since a run sees < 1 epoch)")
-    group.add_argument("--no-ablations", action="store_true", help="only the main comparison")
+    g = parser.add_argument_group("quality")
+    g.add_argument("--quality-p", type=int, default=8, help="LoRA/DoRA rank p; ID-LoRA gets 4p, VeRA 32p")
+    g.add_argument("--quality-steps", type=int, default=SFT_DEFAULTS["max_steps"], help="optimizer steps per run")
+    g.add_argument("--quality-batch", type=int, default=SFT_DEFAULTS["batch_size"], help="rows per step")
+    g.add_argument("--grid", default="2.5e-4,5e-4,1e-3,2e-3,4e-3", help="learning rates, log-spaced by a fixed factor")
+    g.add_argument("--grid-seeds", type=int, default=2, help="training seeds per grid point")
+    g.add_argument("--max-extend", type=int, default=2, help="grid steps added beyond an edge that wins")
+    g.add_argument("--test-seeds", type=int, default=5, help="training seeds per method at its chosen rate")
+    g.add_argument("--val-per-task", type=int, default=32, help="validation items per task")
+    g.add_argument("--test-per-task", type=int, default=100, help="test items per task")
+    g.add_argument("--methods", default=",".join(METHODS), help="methods of the main comparison")
+    g.add_argument("--ablations", default="all", help="'all', 'none' or comma-separated ablation labels")
+    g.add_argument("--ablation-span", type=int, default=1, help="grid steps either side of the default's rate")
+    g.add_argument("--ablation-grid-seeds", type=int, default=1, help="seeds per grid point of an ablation")
+    g.add_argument("--ablation-seeds", type=int, default=3, help="test seeds per ablation")
+    g.add_argument("--quality-dir", default=os.path.join(os.path.dirname(HERE), "docs", "benchmarks", "quality-runs"),
+                   help="one JSON per run (resumed from)")
+    g.add_argument("--work-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "idlora-trl", "quality"),
+                   help="saved adapters and index files (not committed)")
+    g.add_argument("--quality-minutes", type=float, default=None, help="start no new run after this many minutes")
 
 
-# ----------------------------------------------------------------------------------------------- setup
-def _targets() -> list[str]:
-    return [t.strip() for t in DEFAULT_TARGETS.split(",")]
+def ablations(p: int, min_d_out: int) -> dict[str, dict]:
+    """One setting of the default ID-LoRA changed each (k = 8 needs a lower r to fit `k r <= d_out`)."""
+    r, r8 = 4 * p, min(4 * p, min_d_out // 8) // 2 * 2
+    out = {"router_norm=rms (ours)": dict(router_norm="rms"), "selection=pmrc-qr (ours)": dict(selection="pmrc-qr"),
+           "selection=random": dict(selection="random"), "selection=sequential": dict(selection="sequential"),
+           "router=static": dict(router="static"), "rank_boost=1": dict(rank_boost=1), "k=2": dict(num_clusters=2),
+           f"k=8, r={r8}": dict(num_clusters=8, r=r8)}
+    if r8 != r:
+        out[f"k=4, r={r8} (control for k=8)"] = dict(r=r8)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- stats
+def ci95(values: list[float]) -> float:
+    """Half-width of the 95% t-interval of the mean (0 for one value)."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    sd = stdev(values)
+    t = T975[max(d for d in T975 if d <= n - 1)]
+    return t * sd / math.sqrt(n)
+
+
+def stdev(values: list[float]) -> float:
+    m = mean(values)
+    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+
+
+def acc(record: dict, task: str | None = None) -> float:
+    scores = record["test"]["accuracy"]
+    return scores[task][0] / scores[task][1] if task else mean(c / t for c, t in scores.values())
+
+
+def nll(record: dict, split: str = "test") -> float:
+    return mean(record[split]["nll"].values())
+
+
+# ------------------------------------------------------------------------------------------------- run
+class Clock:
+    def __init__(self, minutes):
+        self.deadline = None if minutes is None else time.monotonic() + 60 * minutes
+
+    def out(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+
+def _grid_search(bench: Bench, method: str, settings: tuple, lrs: list[float], seeds: int, factor: float,
+                 max_extend: int, clock: Clock) -> tuple[float | None, dict[float, list[dict]]]:
+    """Validation NLL per rate (extending past a winning edge); returns (chosen rate or None, records)."""
+    curve: dict[float, list[dict]] = {}
+    lrs = sorted(lrs)
+    for extension in range(max_extend + 1):
+        for lr in lrs:
+            for seed in range(seeds):
+                if lr in curve and len(curve[lr]) > seed:
+                    continue
+                if bench.load(Spec(method, lr, seed, settings)) is None and clock.out():
+                    return None, curve
+                curve.setdefault(lr, []).append(bench.run(Spec(method, lr, seed, settings)))
+        score = {lr: mean(nll(r, "validation") for r in records) for lr, records in curve.items()}
+        best = min(score, key=score.get)
+        ordered = sorted(curve)
+        if extension == max_extend or ordered[0] < best < ordered[-1]:
+            return best, curve
+        lrs = [best / factor] if best == ordered[0] else [best * factor]
+    return None, curve
+
+
+def _test(bench: Bench, method: str, settings: tuple, lr: float, seeds: int, clock: Clock) -> list[dict]:
+    out = []
+    for seed in range(seeds):
+        record = bench.load(Spec(method, lr, seed, settings))
+        if clock.out() and (record is None or "test" not in record):
+            break
+        out.append(bench.run(Spec(method, lr, seed, settings), score_test=True))
+    return out
 
 
 def _min_d_out(model, targets: list[str]) -> int:
+    import torch
+
     return min(m.out_features for n, m in model.named_modules()
                if n.split(".")[-1] in targets and isinstance(m, torch.nn.Linear))
 
 
-def plan(args, min_d_out: int) -> list[dict]:
-    """Every run, in the order they execute."""
-    p = args.quality_p
-    r = 4 * p
-    lrs = {"LoRA": args.lr_lora, "DoRA": args.lr_lora, "ID-LoRA": args.lr_idlora}
-    runs = []
-    for seed in range(args.seeds):
-        for method in METHODS:
-            runs.append(dict(group="main", label=method, method=method, seed=seed, lr=lrs[method], settings={}))
-    if args.no_ablations:
-        return runs
-    r8 = min(r, min_d_out // 8) // 2 * 2
-    ablations = [("selection=random", dict(selection="random")), ("selection=sequential", dict(selection="sequential")),
-                 ("router=static", dict(router="static")), ("rank_boost=1", dict(rank_boost=1)),
-                 ("k=2", dict(num_clusters=2)), (f"k=8, r={r8}", dict(num_clusters=8, r=r8))]
-    if r8 != r:
-        ablations.append((f"k=4, r={r8} (control for k=8)", dict(r=r8)))
-    for seed in range(args.ablation_seeds):
-        for label, settings in ablations:
-            runs.append(dict(group="ablation", label=label, method="ID-LoRA", seed=seed, lr=lrs["ID-LoRA"],
-                             settings=settings))
-    return runs
+def _bench(args):
+    from idlora_trl.data import sft_dataset, sft_rows
 
-
-def _peft_config(run: dict, p: int, targets: list[str]):
-    from peft import LoraConfig
-
-    from idlora_trl import IDLoRAConfig
-
-    if run["method"] == "ID-LoRA":
-        kwargs = dict(r=4 * p, num_clusters=4, rank_boost=2, router="token", selection="pmrc", seed=0)
-        kwargs.update(run["settings"])
-        return IDLoRAConfig(target_modules=targets, task_type="CAUSAL_LM", **kwargs)
-    return LoraConfig(r=p, lora_alpha=2 * p, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM",
-                      use_dora=run["method"] == "DoRA")
-
-
-def _sft_config(args, run: dict, output_dir: str):
-    from trl import SFTConfig
-
-    return SFTConfig(output_dir=output_dir, max_steps=args.quality_steps, per_device_train_batch_size=args.quality_batch,
-                     learning_rate=run["lr"], lr_scheduler_type=SFT_DEFAULTS.get("lr_scheduler", "cosine"),
-                     warmup_steps=SFT_DEFAULTS.get("warmup_steps", 3), logging_steps=1,
-                     max_length=SFT_DEFAULTS["max_length"], seed=run["seed"], data_seed=run["seed"],
-                     use_cpu=not torch.cuda.is_available(), bf16=False, fp16=False, gradient_checkpointing=False,
-                     report_to="none", save_strategy="no", disable_tqdm=True, dataloader_num_workers=0)
-
-
-class _IndexCache:
-    """One decomposition per setting: the first ID-LoRA run clusters, later ones read its index file."""
-
-    def __init__(self, directory: str) -> None:
-        self.directory, self.files = directory, {}
-
-    def key(self, config) -> str:
-        return json.dumps({"spec": config.decomposition_spec(), "targets": sorted(config.target_modules)},
-                          sort_keys=True)
-
-    def prepare(self, config) -> bool:
-        path = self.files.get(self.key(config))
-        if path:
-            config.indices_path = path
-        return path is None  # True: this run clusters
-
-    def store(self, config, model) -> None:
-        from idlora_trl import get_indices, save_indices
-
-        key = self.key(config)
-        if key not in self.files:
-            path = os.path.join(self.directory, f"indices-{len(self.files)}.safetensors")
-            save_indices(path, get_indices(model), config.decomposition_spec())
-            self.files[key] = path
-
-
-def _one_run(run: dict, base, tokenizer, train, held_out, args, cache: _IndexCache, workdir: str) -> dict:
-    from transformers import set_seed
-    from trl import SFTTrainer
-
-    from idlora_trl import IDLoRASFTTrainer
-    from idlora_trl.evaluation import evaluate_accuracy
-
-    p, targets = args.quality_p, _targets()
-    config = _peft_config(run, p, targets)
-    clusters = run["method"] == "ID-LoRA" and cache.prepare(config)
-    set_seed(run["seed"])  # the adapter is initialised when the trainer is built
-    sink = io.StringIO()
-    with contextlib.redirect_stdout(sink):
-        start = time.perf_counter()
-        cls = IDLoRASFTTrainer if run["method"] == "ID-LoRA" else SFTTrainer
-        trainer = cls(model=copy.deepcopy(base), args=_sft_config(args, run, workdir), train_dataset=train,
-                      processing_class=tokenizer, peft_config=config)
-        setup_s = time.perf_counter() - start
-        if run["method"] == "ID-LoRA":
-            cache.store(config, trainer.model)
-        start = time.perf_counter()
-        result = trainer.train()
-        train_s = time.perf_counter() - start
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    start = time.perf_counter()
-    scores = evaluate_accuracy(trainer.model, tokenizer, held_out, batch_size=32)
-    eval_s = time.perf_counter() - start
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    out = dict(run, trainable=trainable, setup_s=setup_s, clustered=clusters, train_s=train_s, eval_s=eval_s,
-               train_loss=result.training_loss, losses=losses,
-               accuracy={t: [s.correct, s.total] for t, s in scores.items()})
-    log(f"quality: {run['group']} {run['label']} seed {run['seed']} lr {run['lr']:g}: mean acc {_mean_acc(out):.3f}, "
-        f"train {train_s:.0f} s, eval {eval_s:.0f} s")
-    del trainer
-    gc.collect()
-    return out
-
-
-def _mean_acc(run: dict) -> float:
-    accs = [c / t for c, t in run["accuracy"].values()]
-    return sum(accs) / len(accs)
-
-
-def _tail_loss(run: dict) -> float:
-    losses = run["losses"]
-    tail = losses[-max(1, len(losses) // 4):]
-    return sum(tail) / len(tail)
-
-
-def _parse_sweep(spec: str) -> dict[str, list[float]]:
-    out = {}
-    for part in spec.split(";"):
-        if part.strip():
-            method, values = part.split("=", 1)
-            out[method.strip()] = [float(v) for v in values.split(",")]
-    return out
-
-
-def run(args, partial=None) -> dict:
-    from idlora_trl.data import sft_dataset
-
+    targets = [t.strip() for t in DEFAULT_TARGETS.split(",")]
+    validation = sft_rows("validation", per_task=args.val_per_task)
+    test = sft_rows("test", per_task=args.test_per_task)
     if args.smoke:
-        train_rows = sft_dataset("train").select(range(24))
-        held_out = sft_dataset("test", per_task=2).to_list()
-        texts = [m["content"] for row in train_rows.to_list() + held_out for m in row["prompt"] + row["completion"]]
+        from common import tiny_llama, tiny_tokenizer
+
+        train = sft_dataset("train").select(range(24))
+        texts = [m["content"] for row in train.to_list() + validation + test for m in row["prompt"] + row["completion"]]
         tokenizer = tiny_tokenizer(texts)
         base = tiny_llama(vocab=len(tokenizer), hidden=64, layers=2, pad_token_id=tokenizer.pad_token_id,
                           eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
         label = "tiny Llama (smoke)"
-        args.seeds, args.quality_steps, args.quality_batch, args.quality_p = 1, 2, 4, 2
     else:
-        from idlora_trl.smollm2 import load_smollm2
+        from idlora_trl.smollm2 import MODEL_NAME, load_smollm2
 
         base, tokenizer = load_smollm2()
-        train_rows = sft_dataset("train")
-        held_out = sft_dataset("test", per_task=args.eval_per_task).to_list()
-        label = "SmolLM2-135M-Instruct"
-    train = train_rows.select_columns(["prompt", "completion"])
-    min_d_out = _min_d_out(base, _targets())
-    data = {"model": label, "targets": _targets(), "p": args.quality_p,
-            "steps": args.quality_steps, "batch": args.quality_batch, "max_length": SFT_DEFAULTS["max_length"],
-            "scheduler": SFT_DEFAULTS.get("lr_scheduler", "cosine"), "warmup": SFT_DEFAULTS.get("warmup_steps", 3),
-            "train_rows": len(train), "held_out": len(held_out), "min_d_out": min_d_out, "seeds": args.seeds,
-            "ablation_seeds": args.ablation_seeds, "lr_idlora": args.lr_idlora, "lr_lora": args.lr_lora,
-            "lr_source": "stated", "runs": [], "sweep": []}
-    from idlora_trl.evaluation import evaluate_accuracy
+        train, label = sft_dataset("train"), MODEL_NAME
+    setup = dict(model=label, targets=targets, p=args.quality_p, steps=args.quality_steps, batch=args.quality_batch,
+                 scheduler=SFT_DEFAULTS["lr_scheduler"], warmup=SFT_DEFAULTS["warmup_steps"],
+                 max_length=SFT_DEFAULTS["max_length"], data="sft-v2", validation=len(validation), test=len(test))
+    return Bench(base, tokenizer, train.select_columns(["prompt", "completion"]), validation, test, setup,
+                 args.quality_dir, args.work_dir, log=log), _min_d_out(base, targets)
 
-    start = time.perf_counter()
-    base_scores = evaluate_accuracy(base, tokenizer, held_out, batch_size=32)
-    data["base"] = {"accuracy": {t: [s.correct, s.total] for t, s in base_scores.items()},
-                    "eval_s": time.perf_counter() - start}
-    with tempfile.TemporaryDirectory(prefix="idlora-bench-") as workdir:
-        cache = _IndexCache(workdir)
-        if args.lr_sweep:
-            best = {}
-            for method, lrs in _parse_sweep(args.lr_sweep).items():
-                for lr in lrs:
-                    sweep_run = dict(group="sweep", label=method, method=method, seed=0, lr=lr, settings={})
-                    data["sweep"].append(_one_run(sweep_run, base, tokenizer, train, held_out, args, cache, workdir))
-                    if partial:
-                        partial(data)
-                candidates = [r for r in data["sweep"] if r["method"] == method]
-                best[method] = min(candidates, key=_tail_loss)["lr"]
-            args.lr_lora = best.get("LoRA", args.lr_lora)
-            args.lr_idlora = best.get("ID-LoRA", args.lr_idlora)
-            data.update(lr_lora=args.lr_lora, lr_idlora=args.lr_idlora, lr_source="sweep",
-                        lr_dora=best.get("DoRA", args.lr_lora))
-        for spec in plan(args, min_d_out):
-            if spec["method"] == "DoRA" and "lr_dora" in data:
-                spec["lr"] = data["lr_dora"]
-            data["runs"].append(_one_run(spec, base, tokenizer, train, held_out, args, cache, workdir))
-            if partial:
-                partial(data)
+
+def run(args, partial=None) -> dict:
+    if args.smoke:
+        import tempfile
+
+        scratch = tempfile.mkdtemp(prefix="idlora-quality-smoke-")
+        args.quality_dir, args.work_dir = os.path.join(scratch, "runs"), os.path.join(scratch, "work")
+        args.quality_p, args.quality_steps, args.quality_batch, args.grid = 2, 2, 4, "1e-3,2e-3"
+        args.grid_seeds, args.test_seeds, args.ablation_seeds, args.max_extend = 1, 2, 1, 0
+        args.val_per_task, args.test_per_task, args.ablation_span = 2, 2, 0
+        args.ablations = args.ablations if args.ablations != "all" else "router=static,selection=random,k=8, r=4"
+    bench, min_d_out = _bench(args)
+    clock = Clock(args.quality_minutes)
+    grid = sorted(float(v) for v in args.grid.split(","))
+    factor = grid[1] / grid[0] if len(grid) > 1 else 2.0
+    data = dict(setup=bench.setup, grid=grid, grid_seeds=args.grid_seeds, test_seeds=args.test_seeds, main={},
+                ablations={}, ablation_seeds=args.ablation_seeds, ablation_grid_seeds=args.ablation_grid_seeds)
+    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        chosen, curve = _grid_search(bench, method, (), grid, args.grid_seeds, factor, args.max_extend, clock)
+        data["main"][method] = dict(curve={str(lr): [nll(r, "validation") for r in rs] for lr, rs in curve.items()},
+                                    lr=chosen, trainable=next(iter(curve.values()))[0]["trainable"] if curve else None)
+        if chosen is not None:
+            data["main"][method]["runs"] = _test(bench, method, (), chosen, args.test_seeds, clock)
+        if partial:
+            partial(data)
+    default = data["main"].get("ID-LoRA", {}).get("lr")
+    wanted = ablations(args.quality_p, min_d_out)
+    names = [] if args.ablations == "none" else list(wanted) if args.ablations == "all" else [
+        n.strip() for n in args.ablations.split(",") if n.strip()]
+    names = _rejoin(names, wanted)
+    for name in names if default is not None else []:
+        settings = tuple(sorted(wanted[name].items()))
+        near = [lr for lr in grid + [default] if abs(math.log(lr / default) / math.log(factor)) <= args.ablation_span + 1e-9]
+        chosen, curve = _grid_search(bench, "ID-LoRA", settings, sorted(set(near)), args.ablation_grid_seeds, factor,
+                                     args.max_extend, clock)
+        entry = dict(settings=wanted[name], lr=chosen, curve={str(lr): [nll(r, "validation") for r in rs]
+                                                              for lr, rs in curve.items()})
+        if chosen is not None:
+            entry["runs"] = _test(bench, "ID-LoRA", settings, chosen, args.ablation_seeds, clock)
+            entry["trainable"] = entry["runs"][0]["trainable"] if entry["runs"] else None
+        data["ablations"][name] = entry
+        if partial:
+            partial(data)
+    import diagnose
+    from idlora_trl.data import sft_rows
+
+    if not clock.out():
+        data["diagnosis"] = diagnose.run(bench.base, bench.tokenizer, sft_rows("train")[:16], bench.setup["targets"],
+                                         args.quality_p, default or grid[len(grid) // 2])
+    data["complete"] = not clock.out()
     return data
 
 
-# -------------------------------------------------------------------------------------------- render
-def _tasks(data: dict) -> list[str]:
-    return list(data["base"]["accuracy"])
-
-
-def _acc(run: dict, task: str) -> float:
-    c, t = run["accuracy"][task]
-    return c / t
-
-
-def _cell(values: list[float]) -> str:
-    return f"{sum(values) / len(values):.3f}" + (f" ± {spread(values):.3f}" if len(values) > 1 else "")
-
-
-def _group(data: dict, label: str, group: str = "main") -> list[dict]:
-    return [r for r in data["runs"] if r["group"] == group and r["label"] == label]
-
-
-def _plot(data: dict, plot_dir) -> str | None:
-    plt = pyplot()
-    if plt is None or not data["runs"]:
-        return None
-    labels, means, errs = [], [], []
-    for method in METHODS:
-        runs = _group(data, method)
-        if runs:
-            accs = [_mean_acc(r) for r in runs]
-            labels.append(f"{method} (n={len(runs)})")
-            means.append(sum(accs) / len(accs))
-            errs.append(spread(accs))
-    abl = [r for r in data["runs"] if r["group"] == "ablation"]
-    names = list(dict.fromkeys(r["label"] for r in abl))
-    for name in names:
-        accs = [_mean_acc(r) for r in abl if r["label"] == name]
-        labels.append(name.replace(" (control for k=8)", " (control)"))
-        means.append(sum(accs) / len(accs))
-        errs.append(spread(accs))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(labels)), 3.8))
-    colors = ["tab:blue", "tab:orange", "tab:green"][: len(labels) - len(names)] + ["tab:gray"] * len(names)
-    ax.bar(range(len(labels)), means, yerr=errs, capsize=4, color=colors)
-    base = data["base"]["accuracy"]
-    base_mean = sum(c / t for c, t in base.values()) / len(base)
-    ax.axhline(base_mean, color="black", lw=0.8, ls="--", label=f"base model {base_mean:.3f}")
-    ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=30, ha="right")
-    ax.set_ylim(0, min(1.0, max(means + [base_mean]) * 1.2) or 1.0)
-    ax.set_ylabel("held-out accuracy (mean over tasks)")
-    ax.set_title("Quality: main comparison (mean ± sd over seeds), ID-LoRA ablations (gray)", fontsize=9)
-    ax.legend(fontsize=7)
-    return save_plot(fig, plot_dir, "quality.png")
+def _rejoin(names: list[str], wanted: dict) -> list[str]:
+    """Labels that contain commas ("k=8, r=24") come back split by the comma-separated option: join them."""
+    out, pending = [], ""
+    for part in names:
+        pending = f"{pending}, {part}" if pending else part
+        if pending in wanted:
+            out.append(pending)
+            pending = ""
+        elif not any(w.startswith(pending) for w in wanted):
+            raise SystemExit(f"run.py: unknown ablation {pending!r}; choose from {list(wanted)}")
+    return out
 
 
 def render(data: dict, ctx) -> tuple[str, list]:
-    tasks = _tasks(data)
-    p = data["p"]
-    lrs = (f"learning rates {'chosen by the sweep below' if data['lr_source'] == 'sweep' else 'stated, not swept'}: "
-           f"LoRA {data['lr_lora']:g}, DoRA {data.get('lr_dora', data['lr_lora']):g} (lora_alpha = 2p), "
-           f"ID-LoRA {data['lr_idlora']:g}" + (" (the CLI's default)" if data["lr_idlora"] == SFT_DEFAULTS["learning_rate"]
-                                               else ""))
-    out = [f"{data['model']}, fp32; targets {', '.join(data['targets'])} (the CLI's default: o_proj and "
-           f"down_proj are left out on purpose, see `idlora_trl/cli/args.py`); {data['steps']} steps of batch "
-           f"{data['batch']}, max length {data['max_length']}, {data['scheduler']} schedule with {data['warmup']} "
-           f"warm-up steps, AdamW; {lrs}. Training rows: {data['train_rows']} (built-in mix, seed 0); held-out: "
-           f"{data['held_out']} items, scored by exact match. Mean = the unweighted mean of the per-task "
-           "accuracies; ± = sample standard deviation over seeds.", ""]
-    if data.get("partial"):
-        out += ["**Partial results: the run stopped before its last run.**", ""]
-    base = data["base"]["accuracy"]
-    rows = [["base model (no training)", "-", "-", *(f"{c / t:.3f}" for c, t in base.values()),
-             f"{sum(c / t for c, t in base.values()) / len(base):.3f}", "-"]]
-    lora_params = next((r["trainable"] for r in data["runs"] if r["method"] == "LoRA"), None)
-    for method in METHODS:
-        runs = _group(data, method)
-        if not runs:
-            continue
-        share = f" ({runs[0]['trainable'] / lora_params:.0%} of LoRA)" if lora_params else ""
-        rank = 4 * p if method == "ID-LoRA" else p
-        rows.append([f"{method} r={rank}", f"{runs[0]['trainable']:,}{share}", f"{runs[0]['lr']:g}",
-                     *(_cell([_acc(r, t) for r in runs]) for t in tasks), _cell([_mean_acc(r) for r in runs]),
-                     len(runs)])
-    out += [table(["method", "trainable", "lr", *tasks, "mean", "seeds"], rows), ""]
-    plot = _plot(data, ctx.plot_dir)
-    if plot:
-        out += [f"![quality]({ctx.plot_rel}/{plot})", ""]
+    from quality_report import render as render_quality
 
-    default = _group(data, "ID-LoRA")
-    default_by_seed = {r["seed"]: _mean_acc(r) for r in default}
-    seed_sd = spread(list(default_by_seed.values()))
-    abl = [r for r in data["runs"] if r["group"] == "ablation"]
-    deltas = {}
-    if abl and default:
-        arow = [[f"default (pmrc, token router, rank_boost=2, k=4, r={4 * p})", f"{default[0]['trainable']:,}",
-                 *(_cell([_acc(r, t) for r in default if r["seed"] < data["ablation_seeds"]]) for t in tasks),
-                 _cell([default_by_seed[s] for s in sorted(default_by_seed) if s < data["ablation_seeds"]]), "-",
-                 _fmt_setup(default[0])]]
-        for name in dict.fromkeys(r["label"] for r in abl):
-            runs = [r for r in abl if r["label"] == name]
-            delta = [_mean_acc(r) - default_by_seed[r["seed"]] for r in runs if r["seed"] in default_by_seed]
-            deltas[name] = sum(delta) / len(delta) if delta else float("nan")
-            arow.append([name, f"{runs[0]['trainable']:,}", *(_cell([_acc(r, t) for r in runs]) for t in tasks),
-                         _cell([_mean_acc(r) for r in runs]), f"{deltas[name]:+.3f}", _fmt_setup(runs[0])])
-        out += [f"**ID-LoRA ablations** ({data['ablation_seeds']} seed(s); each changes one setting of the "
-                "default; Δ = mean accuracy minus the default's on the same seed(s))", "",
-                table(["variant", "trainable", *tasks, "mean", "Δ mean", "set-up (clustering), s"], arow,
-                      "l" + "r" * (len(tasks) + 4)), ""]
-    if data["sweep"]:
-        out += ["**Learning-rate sweep** (seed 0; each method's lr is the one with the lowest mean training loss "
-                "over the last quarter of the steps: batches it had not seen, since a run covers less than one "
-                "epoch; held-out accuracy shown for information, not used to choose)", "",
-                table(["method", "lr", "loss, last quarter", "mean held-out accuracy", "chosen"], align="lrrrl", rows=
-                      [[r["method"], f"{r['lr']:g}", f"{_tail_loss(r):.4f}", f"{_mean_acc(r):.3f}",
-                        "yes" if r["lr"] == data.get(f"lr_{r['method'].lower().replace('-', '')}",
-                                                     data["lr_lora"]) else ""] for r in data["sweep"]]), ""]
-    out += _answers(data, deltas, seed_sd, ctx)
-    out += ["**Every run**", "", table(
-        ["group", "run", "seed", "lr", *tasks, "mean", "loss first → last", "train, s", "eval, s"], align="ll" + "r" * (
-            6 + len(tasks)), rows=
-        [[r["group"], r["label"], r["seed"], f"{r['lr']:g}", *(f"{_acc(r, t):.3f}" for t in tasks),
-          f"{_mean_acc(r):.3f}", f"{r['losses'][0]:.3f} → {r['losses'][-1]:.3f}" if r["losses"] else "-",
-          f"{r['train_s']:.0f}", f"{r['eval_s']:.0f}"] for r in data["sweep"] + data["runs"]]), ""]
-    return "\n".join(out), []
-
-
-def _fmt_setup(run: dict) -> str:
-    if run["method"] != "ID-LoRA":
-        return f"{run['setup_s']:.1f}"
-    if run["settings"].get("selection", "pmrc") != "pmrc":
-        how = "no clustering"
-    else:
-        how = "clustered" if run.get("clustered") else "indices reused"
-    return f"{run['setup_s']:.1f} ({how})"
-
-
-def _verdict(delta: float, sd: float, n_seeds: int) -> str:
-    if n_seeds < 2 or sd == 0:
-        return f"Δ = {delta:+.3f} (one seed of the default: no spread to compare with)"
-    if abs(delta) <= 2 * sd:
-        return f"Δ = {delta:+.3f}, within twice the default's seed spread ({sd:.3f}): no clear difference"
-    return f"Δ = {delta:+.3f}, more than twice the default's seed spread ({sd:.3f})"
-
-
-def _answers(data: dict, deltas: dict, sd: float, ctx) -> list[str]:
-    n = len(_group(data, "ID-LoRA"))
-    out = ["**The reviewers' questions, answered with these numbers**", ""]
-    runs = data["sweep"] + data["runs"]
-    clustered = [r for r in runs if r.get("clustered") and r["settings"].get("selection", "pmrc") == "pmrc"]
-    # set-up without clustering: ID-LoRA runs that reused indices, else LoRA's (trainer and data set-up alone)
-    plain = [r for r in runs if r["method"] == "ID-LoRA" and not r.get("clustered")
-             and r["settings"].get("selection", "pmrc") == "pmrc"] or [r for r in runs if r["method"] == "LoRA"]
-    train_s = median(r["train_s"] for r in data["runs"]) if data["runs"] else float("nan")
-    clustering = ctx.clustering_summary()
-    if clustered and plain:
-        cost = clustered[0]["setup_s"] - median(r["setup_s"] for r in plain)
-        out.append(f"- *Clustering cost*: PMRC of the {len(data['targets'])} targeted projections of every decoder "
-                   f"layer added {cost:.1f} s to the first ID-LoRA run's set-up (against runs that needed no "
-                   f"clustering), next to a median of {train_s:.0f} s of training per run "
-                   f"({100 * cost / train_s:.0f}%); it runs once per setting and is saved with the adapter. "
-                   f"{clustering}")
-    else:
-        out.append(f"- *Clustering cost*: {clustering or 'not measured in this run'}")
-    k_lines = [f"{name}: {_verdict(d, sd, n)}" for name, d in deltas.items() if name.startswith("k=")]
-    if k_lines:
-        out.append("- *Sensitivity to k* (against k=4): " + "; ".join(k_lines) + ".")
-    for key, question in (("router=static", "Does a static router do as well as the token router?"),
-                          ("selection=random", "Does PMRC beat random rows?"),
-                          ("selection=sequential", "Does PMRC beat sequential rows?"),
-                          ("rank_boost=1", "Rank boosting (f=2 against f=1)")):
-        if key in deltas:
-            sign = {"router=static": "static minus token", "selection=random": "random minus PMRC",
-                    "selection=sequential": "sequential minus PMRC", "rank_boost=1": "f=1 minus f=2"}[key]
-            out.append(f"- *{question}* ({sign}) {_verdict(deltas[key], sd, n)}.")
-    if not deltas:
-        out.append("- Ablations: not run.")
-    out.append("")
-    return out
+    return render_quality(data, ctx)

@@ -10,14 +10,14 @@ import contextlib
 import torch.distributed as dist
 from transformers.utils import logging
 
-from .decomposition import select_rows
+from .decomposition import SELECTIONS, select_rows
 from .hookspecs import hookimpl
 
 logger = logging.get_logger(f"transformers.{__name__}")  # under transformers: its verbosity applies
 
 
 class RowSelection:
-    """One strategy of `decomposition.select_rows`: the paper's PMRC, or an ablation baseline."""
+    """One strategy of `decomposition.select_rows`: the paper's PMRC, PMRC with pivoted rows, or an ablation baseline."""
 
     def __init__(self, selection: str) -> None:
         self.name = selection
@@ -80,5 +80,4 @@ class LogReport:
         )
 
 
-PLUGINS = [RowSelection("pmrc"), RowSelection("random"), RowSelection("sequential"), PlainWeight(),
-           ExchangeOverTorchDistributed(), LogReport()]
+PLUGINS = [*(RowSelection(name) for name in SELECTIONS), PlainWeight(), ExchangeOverTorchDistributed(), LogReport()]

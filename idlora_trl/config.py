@@ -14,6 +14,7 @@ from peft.config import PeftConfig
 from .peft_type import IDLoRAPeftType
 
 ROUTERS = ("token", "static")
+ROUTER_NORMS = ("none", "rms")
 DISTANCES = ("euclidean", "cosine")
 
 
@@ -42,8 +43,15 @@ class IDLoRAConfig(PeftConfig):
         router (`str`): `"token"`: the paper's `alpha_i = <T, x_i>`, with a trainable `T` of length `r`;
             the update depends on the token and cannot be merged. `"static"`: one learned `alpha_i` per
             cluster (choice, §5 of the method notes); the update is then a fixed matrix that merges.
+        router_norm (`str`): Scale of the token router (choice). `"none"`: the paper's `alpha_i = <T, x_i>`,
+            so `v = sum_i alpha_i x_i` is quadratic in the activations and the update's size follows each
+            module's activation scale. `"rms"`: `alpha_i = <T, x_i> / (sqrt(r) rms(x))`, with `rms(x)` over
+            the token's `k * r` gathered values: `alpha_i` is scale-free and the update linear in the
+            activations, as LoRA's is.
         selection (`str`): How skeleton rows are chosen. `"pmrc"`: the paper's size-constrained k-means of the
-            rows, keeping the `r` rows nearest each centroid. `"random"` and `"sequential"`: the paper's
+            rows, keeping the `r` rows nearest each centroid. `"pmrc-qr"` (choice): the same clusters, with the `r`
+            rows a column-pivoted QR picks in each (well-conditioned, as in the interpolative decomposition).
+            `"random"` and `"sequential"`: the paper's
             ablation baselines (`k * r` random rows; the first `r` rows of `k` contiguous row blocks). Plugins
             can add strategies (`idlora_trl.hookspecs.idlora_select_rows`).
         distance (`str`): `"euclidean"` (paper) or `"cosine"` (k-means on L2-normalised rows; choice).
@@ -54,7 +62,8 @@ class IDLoRAConfig(PeftConfig):
         init_weights (`bool`): `True` (default): `B = 0`, so the model is unchanged at step 0, and `T` small
             and random so gradients reach `B`. `False`: `B` random too (for tests only).
         init_router_std (`float`, *optional*): Standard deviation of the token router's initial `T`.
-            Defaults to `1 / r`. The static router starts at `alpha_i = 1 / k`.
+            Defaults to `1 / r` with `router_norm="none"` and `1 / k` with `"rms"` (then each `alpha_i` starts
+            with standard deviation `1 / k`). The static router starts at `alpha_i = 1 / k`.
         indices_path (`str`, *optional*): A precomputed index file (written by `idlora_trl.save_indices` or
             `idlora-trl decompose`). When set, no clustering runs: each module's `[k, r]` table is read from it.
         target_modules (`Union[list[str], str]`): Module names or a regex to adapt, or `"all-linear"` (default:
@@ -72,14 +81,19 @@ class IDLoRAConfig(PeftConfig):
     idlora_alpha: Optional[float] = field(default=None, metadata={"help": "Scaling s = idlora_alpha / r; default r."})
     idlora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the mixed vector v."})
     router: Literal["token", "static"] = field(default="token", metadata={"help": "'token' (paper) or 'static'."})
+    router_norm: Literal["none", "rms"] = field(
+        default="none", metadata={"help": "Token router scale: 'none' (paper, alpha = <T, x>) or 'rms' (scale-free)."}
+    )
     selection: str = field(
-        default="pmrc", metadata={"help": "Skeleton-row selection: 'pmrc' (paper), 'random', 'sequential', or a plugin's."}
+        default="pmrc", metadata={"help": "Skeleton rows: 'pmrc' (paper), 'pmrc-qr', 'random', 'sequential', or a plugin's."}
     )
     distance: Literal["euclidean", "cosine"] = field(default="euclidean", metadata={"help": "Clustering distance."})
     min_cluster_size: Optional[int] = field(default=None, metadata={"help": "Minimum rows per cluster; default r."})
     seed: int = field(default=0, metadata={"help": "Seed of the clustering."})
     init_weights: bool = field(default=True, metadata={"help": "B = 0 and a small random T (identity at step 0)."})
-    init_router_std: Optional[float] = field(default=None, metadata={"help": "Std of the initial T; default 1/r."})
+    init_router_std: Optional[float] = field(
+        default=None, metadata={"help": "Std of the initial T; default 1/r ('none') or 1/k ('rms')."}
+    )
     indices_path: Optional[str] = field(default=None, metadata={"help": "Precomputed index file; skips clustering."})
     target_modules: Optional[Union[list[str], str]] = field(
         default="all-linear", metadata={"help": "Modules to adapt: names, a regex, or 'all-linear'."}
@@ -123,6 +137,8 @@ class IDLoRAConfig(PeftConfig):
                       f"r={self.r - self.r % self.rank_boost or self.rank_boost}.")
         if self.router not in ROUTERS:
             raise bad("router", self.router, f"Choose one of {ROUTERS}.")
+        if self.router_norm not in ROUTER_NORMS:
+            raise bad("router_norm", self.router_norm, f"Choose one of {ROUTER_NORMS}.")
         from .plugins import selection_names
 
         if self.selection not in selection_names():
@@ -148,6 +164,13 @@ class IDLoRAConfig(PeftConfig):
     def scaling(self) -> float:
         """The factor `s = idlora_alpha / r` on the update."""
         return float(self.idlora_alpha) / self.r
+
+    @property
+    def router_std(self) -> float:
+        """The standard deviation of the token router's initial `T`."""
+        if self.init_router_std is not None:
+            return float(self.init_router_std)
+        return 1.0 / (self.r if self.router_norm == "none" else self.num_clusters)
 
     def decomposition_spec(self) -> dict:
         """The settings that determine the indices: two adapters with equal specs share their indices."""

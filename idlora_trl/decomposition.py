@@ -34,9 +34,10 @@ from numbers import Integral
 
 import torch
 
-__all__ = ["SELECTIONS", "DISTANCES", "constrained_kmeans", "select_rows"]
+__all__ = ["SELECTIONS", "CLUSTERED", "DISTANCES", "constrained_kmeans", "pivoted_rows", "select_rows"]
 
-SELECTIONS = ("pmrc", "random", "sequential")
+SELECTIONS = ("pmrc", "pmrc-qr", "random", "sequential")
+CLUSTERED = ("pmrc", "pmrc-qr")  # the selections that run the size-constrained k-means
 DISTANCES = ("euclidean", "cosine")
 
 
@@ -254,6 +255,22 @@ def _lloyd(x: torch.Tensor, sq_norms: torch.Tensor, starts: list[torch.Tensor], 
 
 
 # -------------------------------------------------------------------------------------------- selection
+def pivoted_rows(rows: torch.Tensor, r: int) -> torch.LongTensor:
+    """The first ``r`` pivots of a column-pivoted QR of ``rows.T``: greedily, the row with the largest component
+    orthogonal to the rows already picked (ties: the lower index). Modified Gram-Schmidt on a copy."""
+    residual = rows.clone()
+    norms = residual.pow(2).sum(1)
+    picked: list[int] = []
+    for _ in range(r):
+        j = int(torch.argmax(norms))  # argmax returns the first of equal values
+        picked.append(j)
+        q = residual[j] / norms[j].sqrt().clamp(min=torch.finfo(rows.dtype).tiny)
+        residual -= torch.outer(residual @ q, q)
+        norms = residual.pow(2).sum(1)
+        norms[picked] = -1.0  # never picked twice (even when the rows are rank-deficient)
+    return torch.tensor(picked, dtype=torch.long, device=rows.device)
+
+
 def _check_select_args(weight, k, r, selection, distance, min_size) -> None:
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
@@ -285,6 +302,10 @@ def select_rows(weight: torch.Tensor, *, num_clusters: int, r: int, selection: s
 
     * ``"pmrc"`` (paper): constrained k-means of the rows (min size ``min_cluster_size``, default ``r``);
       in each cluster the ``r`` rows nearest its centroid, by ascending distance (ties: lower row index).
+    * ``"pmrc-qr"`` (choice, beyond the paper): the same clusters; in each, the ``r`` rows a column-pivoted QR
+      of the cluster's rows picks (:func:`pivoted_rows`), in the order picked: rows that span the cluster well,
+      as in the interpolative decomposition (Cheng et al. 2005), instead of the nearly parallel rows
+      nearest the centroid.
     * ``"random"``: ``k r`` distinct rows drawn with a generator seeded by ``seed``, in ``k`` groups of ``r``.
     * ``"sequential"``: block ``i`` of ``tensor_split(arange(d_out), k)`` contributes its first ``r`` rows.
 
@@ -310,7 +331,10 @@ def select_rows(weight: torch.Tensor, *, num_clusters: int, r: int, selection: s
         picked = []
         for c in range(k):
             members = (labels == c).nonzero().squeeze(1)  # ascending row index, so a stable sort breaks ties
-            picked.append(members[torch.sort(own[members], stable=True).indices[:r]])
+            if selection == "pmrc-qr":
+                picked.append(members[pivoted_rows(weight.detach()[members].to(torch.float64), r)])
+            else:
+                picked.append(members[torch.sort(own[members], stable=True).indices[:r]])
         groups = torch.stack(picked).cpu()
     groups = groups.to(torch.int64)
     return groups[groups.min(1).values.argsort()].contiguous()

@@ -1,4 +1,5 @@
-"""Held-out evaluation by greedy generation: exact-match accuracy per task, and refusal rates.
+"""Held-out evaluation: exact-match accuracy per task and refusal rates (greedy generation), and the answers'
+negative log-likelihood (teacher-forced, `answer_nll`).
 
 Works on any causal LM with `generate`, a `PeftModel` included. Prompts are rendered with the tokenizer's
 chat template (`add_generation_prompt=True`), left-padded and generated in batches (sorted by length, so
@@ -134,6 +135,61 @@ def evaluate_accuracy(model, tokenizer, rows: Iterable[dict], batch_size: int = 
                 result.examples.append((conversation[-1]["content"], expected, reply))
         results[task] = result
     return results
+
+
+def answer_tokens(tokenizer, row: dict) -> tuple[list[int], list[int]]:
+    """`(prompt ids, answer ids)` of a prompt-completion row, rendered with the chat template as in training.
+
+    The answer is the completion's text up to and including the end-of-turn token (the model must also stop);
+    whitespace the template adds after it is left out.
+    """
+    prompt = as_conversation(row["prompt"])
+    completion = row["completion"]
+    completion = [{"role": "assistant", "content": completion}] if isinstance(completion, str) else list(completion)
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+    if not full_text.startswith(prompt_text):
+        raise ValueError("the chat template renders the prompt differently with and without the completion; "
+                         "answer_nll needs a template whose prompt is a prefix of the whole conversation")
+    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    return encode(prompt_text), encode(full_text[len(prompt_text):].rstrip())
+
+
+@torch.no_grad()
+def answer_nll(model, tokenizer, rows: Iterable[dict], batch_size: int = 16) -> dict[str, tuple[float, int]]:
+    """Teacher-forced negative log-likelihood of the reference answers, per task: `{task: (mean NLL per answer
+    token in nats, answer tokens)}`. Only the answer tokens (`answer_tokens`) are scored, never the prompt.
+    Cheaper and less noisy than exact match: one forward pass per batch, no generation, and it moves with
+    every token the model gets more (or less) likely."""
+    items = [(row.get("task") or "dataset", *answer_tokens(tokenizer, row)) for row in rows]
+    items.sort(key=lambda item: len(item[1]) + len(item[2]))  # little padding
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    totals: dict[str, list[float]] = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
+            width = max(len(p) + len(a) for _, p, a in chunk)
+            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            labels = torch.full((len(chunk), width), -100, dtype=torch.long)
+            for i, (_, p, a) in enumerate(chunk):  # right padding: positions as in training
+                ids[i, :len(p) + len(a)] = torch.tensor(p + a)
+                mask[i, :len(p) + len(a)] = 1
+                labels[i, len(p):len(p) + len(a)] = torch.tensor(a)
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
+            targets = labels[:, 1:].to(device)
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100,
+                                                    reduction="none")  # [batch, width - 1], 0 where ignored
+            for i, (task, _, a) in enumerate(chunk):
+                total = totals.setdefault(task, [0.0, 0])
+                total[0] += float(nll[i].sum())
+                total[1] += len(a)
+    finally:
+        model.train(was_training)
+    return {task: (total / count, count) for task, (total, count) in totals.items()}
 
 
 def refusal_rates(model, tokenizer, prompts: dict[str, list[list[dict]]], max_new_tokens: int = 24,

@@ -20,8 +20,10 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import IDLoRAConfig
+from .decomposition import CLUSTERED
 
 PLACEHOLDER = -1
+RMS_EPS = 1e-12  # keeps rsqrt finite for an all-zero token (its alpha is 0 then: <T, 0> = 0)
 
 
 class ClusterWeights(nn.Module):
@@ -53,7 +55,8 @@ def weight_rows(base_layer: nn.Module) -> torch.Tensor:
 
 class IDLoRALayer(BaseTunerLayer):
     adapter_layer_names = ("idlora_B", "idlora_T")
-    other_param_names = ("idlora_indices", "idlora_dropout", "r", "num_clusters", "rank_boost", "scaling", "router")
+    other_param_names = ("idlora_indices", "idlora_dropout", "r", "num_clusters", "rank_boost", "scaling", "router",
+                         "router_norm")
 
     def __init__(self, base_layer: nn.Module, module_name: str = "", **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -68,6 +71,7 @@ class IDLoRALayer(BaseTunerLayer):
         self.rank_boost: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
         self.router: dict[str, str] = {}
+        self.router_norm: dict[str, str] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         # Skeleton rows of the *unmerged* weight, per merged adapter: unmerging recomputes the exact delta.
@@ -78,12 +82,13 @@ class IDLoRALayer(BaseTunerLayer):
 
     def update_layer(self, adapter_name: str, config: IDLoRAConfig, inference_mode: bool = False) -> None:
         r, k, f = config.r, config.num_clusters, config.rank_boost
-        self._check_shapes(r, k, f, config.min_cluster_size if config.selection == "pmrc" else r)
+        self._check_shapes(r, k, f, config.min_cluster_size if config.selection in CLUSTERED else r)
         self.r[adapter_name] = r
         self.num_clusters[adapter_name] = k
         self.rank_boost[adapter_name] = f
         self.scaling[adapter_name] = config.scaling
         self.router[adapter_name] = config.router
+        self.router_norm[adapter_name] = config.router_norm
         self.idlora_B[adapter_name] = nn.Linear(r // f, self.out_features // f, bias=False)
         if config.router == "token":
             self.idlora_T[adapter_name] = nn.Linear(r, 1, bias=False)
@@ -119,7 +124,7 @@ class IDLoRALayer(BaseTunerLayer):
             nn.init.normal_(B, std=1.0 / math.sqrt(B.shape[1]))
         T = self.idlora_T[adapter_name]
         if isinstance(T, nn.Linear):
-            nn.init.normal_(T.weight, std=config.init_router_std or 1.0 / config.r)
+            nn.init.normal_(T.weight, std=config.router_std)
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
         """Move the adapter to the base layer's device, keeping it in (at least) float32.
@@ -179,11 +184,19 @@ class IDLoRALayer(BaseTunerLayer):
     # ------------------------------------------------------------------ forward
 
     def _mixed(self, adapter_name: str, gathered: torch.Tensor) -> torch.Tensor:
-        """`v = sum_i alpha_i x_i` from the gathered skeleton outputs `[..., k, r]`."""
+        """`v = sum_i alpha_i x_i` from the gathered skeleton outputs `[..., k, r]`.
+
+        Token router: `alpha_i = <T, x_i>` (paper, `router_norm="none"`), or `<T, x_i> / (sqrt(r) rms(x))` with
+        `rms(x)` over the token's `k * r` gathered values (`router_norm="rms"`): the same routing directions,
+        but `alpha_i` no longer grows with the activations, so `v` (and the update) is linear in them, as in LoRA.
+        """
         router = self.idlora_T[adapter_name]
         if isinstance(router, ClusterWeights):
             return router(gathered)
         alpha = router(gathered)  # [..., k, 1]
+        if self.router_norm[adapter_name] == "rms":
+            mean_square = gathered.square().mean(dim=(-2, -1), keepdim=True)
+            alpha = alpha * torch.rsqrt(mean_square * self.r[adapter_name] + RMS_EPS)
         return (alpha.transpose(-1, -2) @ gathered).squeeze(-2)
 
     def _mixed_input(self, adapter_name: str, base_out: torch.Tensor) -> torch.Tensor:
@@ -197,6 +210,23 @@ class IDLoRALayer(BaseTunerLayer):
             gathered = gathered - bias.index_select(0, flat).float()
         gathered = gathered.unflatten(-1, (k, r))  # x_i = A_i h, [..., k, r]
         return self.idlora_dropout[adapter_name](self._mixed(adapter_name, gathered))
+
+    def _check_finite(self, active: list[str], base_out: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """With the paper's router the update is quadratic in the activations and can overflow where LoRA's does
+        not: a finite base output made non-finite by the adapter is an error naming the module, not a silent NaN.
+        (Only for `router_norm="none"`: the check costs a reduction per layer.)"""
+        paper = [name for name in active if self.router_norm[name] == "none"]
+        if paper and not bool(torch.isfinite(out).all()) and bool(torch.isfinite(base_out).all()):
+            T = max(self.idlora_T[name].weight.abs().max().item() for name in paper)
+            B = max(self.idlora_B[name].weight.abs().max().item() for name in paper)
+            raise FloatingPointError(
+                f"ID-LoRA adapter(s) {paper} on module {self.module_name!r} turned a finite output into inf/NaN "
+                f"(max |W h| = {base_out.abs().max().item():.3g}, max |T| = {T:.3g}, max |B| = {B:.3g}). With "
+                "router_norm='none' (the paper's router) the update is quadratic in the activations and overflows "
+                "at this scale. Use router_norm='rms' (the default: linear in the activations, like LoRA), or a "
+                "lower learning rate."
+            )
+        return out
 
     def _update(self, adapter_name: str, base_out: torch.Tensor) -> torch.Tensor:
         """`s * concat_j(B v_j)` in float32, from the base layer's output `W h + b`."""
@@ -228,12 +258,12 @@ class IDLoRALayer(BaseTunerLayer):
         active = [name for name in self.active_adapters if name in self.idlora_B]
         if (len(active) == 1 and base_out.dtype == torch.float32
                 and self.idlora_B[active[0]].weight.dtype == torch.float32):
-            return self._fused_forward(active[0], base_out)  # the common case: one adapter, fp32
+            return self._check_finite(active, base_out, self._fused_forward(active[0], base_out))  # one fp32 adapter
         update = None
         for name in active:
             delta = self._update(name, base_out)  # every adapter reads the base output, never another's
             update = delta if update is None else update + delta
-        return base_out if update is None else base_out + update.to(base_out.dtype)
+        return base_out if update is None else self._check_finite(active, base_out, base_out + update.to(base_out.dtype))
 
     # ------------------------------------------------------------------ merging (static router only)
 

@@ -178,3 +178,58 @@ def test_token_router_refuses_to_merge_and_unloads(tokens):
     assert not any(m.merged for m in peft_model.modules() if isinstance(m, IDLoRALayer))
     unloaded = peft_model.unload()
     assert torch.equal(unloaded(tokens).logits, expected)
+
+
+@pytest.mark.parametrize("rank_boost", [1, 2])
+def test_rms_router_matches_dense_reference_with_bias(rank_boost):
+    """router_norm="rms": alpha_i = <T, x_i> / (sqrt(r) rms(x)), written out in float64 on a Linear whose bias is
+    non-zero (x_i must not contain it)."""
+    torch.manual_seed(0)
+    d_in, d_out, k, r, scaling = 24, 40, 4, 6, 0.75
+    base = nn.Linear(d_in, d_out, bias=True)
+    with torch.no_grad():
+        base.bias.normal_(std=3.0)
+    peft_model = get_peft_model(nn.Sequential(base), IDLoRAConfig(
+        r=r, num_clusters=k, rank_boost=rank_boost, router_norm="rms", idlora_alpha=scaling * r, init_weights=False,
+        target_modules=["0"]))
+    layer = peft_model.base_model.model[0]
+    h = torch.randn(7, d_in) * torch.logspace(-2, 2, 7).unsqueeze(1)  # tokens of very different sizes
+    W, b = layer.get_base_layer().weight.double(), layer.get_base_layer().bias.double()
+    idx = layer.idlora_indices["default"]
+    x = torch.stack([h.double() @ W[idx[i]].T for i in range(k)], dim=1)  # [n, k, r]
+    rms = torch.sqrt((x ** 2).mean(dim=(1, 2)))                          # [n]
+    T = layer.idlora_T["default"].weight.double().reshape(r)
+    alpha = (x @ T) / (r ** 0.5 * rms).unsqueeze(1)                       # [n, k]
+    v = (alpha.unsqueeze(2) * x).sum(1)                                   # [n, r]
+    B = layer.idlora_B["default"].weight.double()
+    expected = h.double() @ W.T + b + scaling * v @ torch.block_diag(*[B] * rank_boost).T
+    torch.testing.assert_close(layer(h).double(), expected, rtol=1e-5, atol=1e-5)
+    # the update is linear in the activations: doubling h doubles it (the paper's router would quadruple it)
+    update = lambda inputs: layer(inputs).double() - (inputs.double() @ W.T + b)  # noqa: E731
+    torch.testing.assert_close(update(2 * h), 2 * update(h), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("router_norm", ["rms", "none"])
+def test_large_activations_stay_finite_or_are_reported(router_norm):
+    """Inputs of magnitude ~90, r=1, default initialisation, three SGD steps at lr 0.01: LoRA stays finite, and
+    so does ID-LoRA with the (default) rms router; the paper's quadratic router overflows, and says so."""
+    from peft import LoraConfig
+
+    def train(config):
+        torch.manual_seed(0)
+        model = get_peft_model(nn.Sequential(nn.Linear(16, 16)), config)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+        h = 90 * torch.randn(32, 16, generator=torch.Generator().manual_seed(1))
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(h).square().mean().backward()
+            optimizer.step()
+        return model(h)
+
+    assert torch.isfinite(train(LoraConfig(r=1, target_modules=["0"]))).all()
+    config = IDLoRAConfig(r=1, num_clusters=2, rank_boost=1, router_norm=router_norm, target_modules=["0"])
+    if router_norm == "rms":
+        assert torch.isfinite(train(config)).all()
+    else:
+        with pytest.raises(FloatingPointError, match=r"module '0'.*router_norm='rms'"):
+            train(config)

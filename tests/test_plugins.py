@@ -41,7 +41,7 @@ def largest_norm_plugin():
 def test_builtin_strategies_are_plugins():
     names = {name for name, _ in get_plugin_manager().list_name_plugin()}
     assert {"idlora_trl.builtin.pmrc", "idlora_trl.builtin.random", "idlora_trl.builtin.sequential"} <= names
-    assert selection_names() == ["pmrc", "random", "sequential"]
+    assert selection_names() == ["pmrc", "pmrc-qr", "random", "sequential"]
 
 
 def test_third_party_strategy_is_used(largest_norm_plugin):

@@ -1,0 +1,142 @@
+"""The quality section of docs/BENCHMARKS.md, rendered from `quality.run`'s data alone (`--from-json`)."""
+from __future__ import annotations
+
+import math
+
+from common import pyplot, save_plot, table
+from quality import acc, ci95, mean, nll, stdev
+
+T975_WELCH = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 8: 2.306, 10: 2.228, 15: 2.131,
+              20: 2.086, 30: 2.042}
+
+
+def _cell(values: list[float], digits: int = 3) -> str:
+    if not values:
+        return "-"
+    text = f"{mean(values):.{digits}f}"
+    return text + (f" ± {ci95(values):.{digits}f}" if len(values) > 1 else "")
+
+
+def _diff(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean of a minus mean of b and the half-width of Welch's 95% interval of that difference."""
+    d = mean(a) - mean(b)
+    if len(a) < 2 or len(b) < 2:
+        return d, float("nan")
+    va, vb = stdev(a) ** 2 / len(a), stdev(b) ** 2 / len(b)
+    if va + vb == 0:
+        return d, 0.0
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    t = T975_WELCH[max(k for k in T975_WELCH if k <= max(1, int(df)))]
+    return d, t * math.sqrt(va + vb)
+
+
+def verdict(a: list[float], b: list[float], higher_is_better: bool = True) -> str:
+    d, half = _diff(a, b)
+    if math.isnan(half):
+        return f"{d:+.3f} (too few seeds for an interval)"
+    if abs(d) <= half:
+        return f"{d:+.3f} ± {half:.3f}: no difference this protocol can tell"
+    better = (d > 0) == higher_is_better
+    return f"{d:+.3f} ± {half:.3f}: {'better' if better else 'worse'}, beyond the interval"
+
+
+def _tested(entry: dict) -> list[dict]:
+    return [r for r in entry.get("runs", []) if "test" in r]
+
+
+def _plot(data: dict, plot_dir) -> str | None:
+    plt = pyplot()
+    if plt is None or not data["main"]:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for method, entry in data["main"].items():
+        lrs = sorted(entry["curve"], key=float)
+        if lrs:
+            ys = [mean(entry["curve"][lr]) for lr in lrs]
+            ax.plot([float(lr) for lr in lrs], ys, marker="o", label=method)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("validation answer NLL (nats/token)")
+    ax.set_title("Learning-rate grid (mean over seeds; lower is better)", fontsize=9)
+    ax.legend(fontsize=8)
+    return save_plot(fig, plot_dir, "quality_grid.png")
+
+
+def render(data: dict, ctx) -> tuple[str, list]:
+    s = data["setup"]
+    tasks = None
+    out = [f"{s['model']}, fp32; targets {', '.join(s['targets'])} (the main job's); {s['steps']} steps of batch "
+           f"{s['batch']}, max length {s['max_length']}, {s['scheduler']} schedule, {s['warmup']} warm-up steps, "
+           f"AdamW. LoRA and DoRA at r={s['p']} (lora_alpha={2 * s['p']}), VeRA at r={32 * s['p']}, ID-LoRA at "
+           f"r={4 * s['p']} with the library's defaults. Learning rate per method from the grid "
+           f"{', '.join(f'{g:g}' for g in data['grid'])} ({data['grid_seeds']} seeds per point, extended past a "
+           f"winning edge), chosen on the validation split's answer NLL ({s['validation']} items); then "
+           f"{data['test_seeds']} seeds at that rate, scored on {s['test']} test items. ± is the 95% t-interval "
+           "of the mean over seeds.", ""]
+    if not data.get("complete", True):
+        out += ["**Partial: the protocol stopped at its time budget; the rows below hold the runs done so far "
+                "(run it again to resume).**", ""]
+    rows, lora = [], data["main"].get("LoRA", {}).get("trainable")
+    for method, entry in data["main"].items():
+        runs = _tested(entry)
+        if runs:
+            tasks = tasks or list(runs[0]["test"]["accuracy"])
+        share = f" ({entry['trainable'] / lora:.0%})" if lora and entry.get("trainable") else ""
+        rows.append([method, f"{entry['lr']:g}" if entry.get("lr") else "not chosen yet",
+                     f"{entry['trainable']:,}{share}" if entry.get("trainable") else "-",
+                     *(_cell([acc(r, t) for r in runs]) for t in tasks or []), _cell([acc(r) for r in runs]),
+                     _cell([nll(r) for r in runs]), len(runs)])
+    tasks = tasks or []
+    out += [table(["method", "chosen lr", "trainable (of LoRA)", *tasks, "mean accuracy", "answer NLL", "seeds"],
+                  [row if len(row) == 6 + len(tasks) else row[:3] + ["-"] * len(tasks) + row[3:] for row in rows],
+                  "llr" + "r" * (len(tasks) + 3)), ""]
+    out += _comparison(data)
+    out += ["**The learning-rate grid** (validation answer NLL, mean over seeds; the chosen rate in bold)", ""]
+    lrs = sorted({lr for e in data["main"].values() for lr in e["curve"]}, key=float)
+    out += [table(["method", *(f"{float(lr):g}" for lr in lrs)],
+                  [[m, *(_grid_cell(e, lr) for lr in lrs)] for m, e in data["main"].items()], "l" + "r" * len(lrs)), ""]
+    plot = None if ctx.plot_dir is None else _plot(data, ctx.plot_dir)
+    if plot:
+        out += [f"![learning-rate grid]({ctx.plot_rel}/{plot})", ""]
+    out += _ablations(data, tasks)
+    if data.get("diagnosis"):
+        import diagnose
+
+        out += ["### Diagnosis", ""] + diagnose.render(data["diagnosis"])
+    return "\n".join(out), []
+
+
+def _grid_cell(entry: dict, lr: str) -> str:
+    values = entry["curve"].get(lr)
+    if not values:
+        return "-"
+    text = f"{mean(values):.4f}" + (f" (n={len(values)})" if len(values) != 2 else "")
+    return f"**{text}**" if entry.get("lr") is not None and float(lr) == entry["lr"] else text
+
+
+def _comparison(data: dict) -> list[str]:
+    idl, lora = _tested(data["main"].get("ID-LoRA", {})), _tested(data["main"].get("LoRA", {}))
+    if not idl or not lora:
+        return []
+    return ["**ID-LoRA against LoRA** (ID-LoRA minus LoRA, with Welch's 95% interval of the difference): "
+            f"mean test accuracy {verdict([acc(r) for r in idl], [acc(r) for r in lora])}; answer NLL "
+            f"{verdict([nll(r) for r in idl], [nll(r) for r in lora], higher_is_better=False)}.", ""]
+
+
+def _ablations(data: dict, tasks: list[str]) -> list[str]:
+    default = _tested(data["main"].get("ID-LoRA", {}))
+    if not data["ablations"] or not default:
+        return []
+    rows = [["default", f"{data['main']['ID-LoRA']['lr']:g}", *(_cell([acc(r, t) for r in default]) for t in tasks),
+             _cell([acc(r) for r in default]), _cell([nll(r) for r in default]), "-", "-", len(default)]]
+    for name, entry in data["ablations"].items():
+        runs = _tested(entry)
+        rows.append([name, f"{entry['lr']:g}" if entry.get("lr") else "-",
+                     *(_cell([acc(r, t) for r in runs]) for t in tasks), _cell([acc(r) for r in runs]),
+                     _cell([nll(r) for r in runs]),
+                     verdict([acc(r) for r in runs], [acc(r) for r in default]) if runs else "-",
+                     verdict([nll(r) for r in runs], [nll(r) for r in default], False) if runs else "-", len(runs)])
+    return [f"**ID-LoRA ablations** (one setting changed each, each at its own best rate from the grid around the "
+            f"default's; {data['ablation_seeds']} test seeds; Δ = variant minus default with Welch's 95% interval)",
+            "", table(["variant", "lr", *tasks, "mean accuracy", "answer NLL", "Δ accuracy", "Δ NLL", "seeds"], rows,
+                      "ll" + "r" * (len(tasks) + 2) + "llr"), ""]

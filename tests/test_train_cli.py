@@ -246,3 +246,11 @@ def test_examples_run_in_tiny_mode(tiny_model_dir, tmp_path, script, expect):
     assert result.returncode == 0, result.stderr[-3000:]
     assert expect in result.stdout, result.stdout[-3000:]
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_router_norm_and_pmrc_qr_reach_the_config():
+    from idlora_trl.cli.args import build_idlora_config
+
+    config = build_idlora_config(_resolve(["sft", "--router-norm", "rms", "--selection", "pmrc-qr"]))
+    assert (config.router_norm, config.selection) == ("rms", "pmrc-qr")
+    assert build_idlora_config(_resolve(["sft"])).router_norm == "none"  # the paper's router by default

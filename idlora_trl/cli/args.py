@@ -228,7 +228,7 @@ def build_idlora_config(opts: argparse.Namespace):
         t.strip() for t in opts.target_modules.split(",") if t.strip()]
     try:
         return IDLoRAConfig(r=opts.r, num_clusters=opts.num_clusters, rank_boost=opts.rank_boost, router=opts.router,
-                            selection=opts.selection, target_modules=targets, idlora_alpha=opts.idlora_alpha,
+                            router_norm=opts.router_norm, selection=opts.selection, target_modules=targets, idlora_alpha=opts.idlora_alpha,
                             idlora_dropout=opts.idlora_dropout, distance=opts.distance,
                             min_cluster_size=opts.min_cluster_size, seed=opts.cluster_seed,
                             indices_path=opts.indices_path, task_type="CAUSAL_LM")

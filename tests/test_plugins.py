@@ -54,7 +54,7 @@ def test_third_party_strategy_is_used(largest_norm_plugin):
 
 
 def test_unknown_strategy_is_refused_at_config_time():
-    with pytest.raises(ValueError, match=r"invalid selection='largest-norm'.*'pmrc', 'random', 'sequential'"):
+    with pytest.raises(ValueError, match=r"invalid selection='largest-norm'.*'pmrc', 'pmrc-qr', 'random', 'sequential'"):
         IDLoRAConfig(selection="largest-norm")
 
 

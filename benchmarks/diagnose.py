@@ -10,7 +10,8 @@ on real inputs (a batch of the built-in training rows), per module type (median 
 2. The router at initialisation: `T`'s gradient (exactly zero while `B = 0`), the rms of `x` and of
    `v = sum_i alpha_i x_i`, and the spread of `alpha_i` over tokens, for `router_norm` "none" (paper) and "rms".
 3. Update size: `rms(delta y) / rms(y)` of every adapted module after one AdamW step at the same learning rate,
-   for LoRA and for ID-LoRA with each router norm.
+   for LoRA and for ID-LoRA with each router norm; and at the end of training, for each method's saved adapter
+   at its chosen rate.
 """
 from __future__ import annotations
 
@@ -134,6 +135,24 @@ def router(base, batch: dict, targets: list[str], r: int, k: int) -> list[dict]:
     return out
 
 
+def _ratios(model, batch: dict, targets: list[str]) -> dict[str, list[float]]:
+    """`rms(delta y) / rms(y)` of every adapted module on `batch`, by module type (delta y: the adapter's part)."""
+    ratios: dict[str, list[float]] = {}
+    module_names = {m: n for n, m in model.named_modules() if _kind(n) in targets and hasattr(m, "base_layer")}
+
+    def hook(module, args, output):
+        base_out = module.base_layer(args[0])
+        ratios.setdefault(_kind(module_names[module]), []).append(
+            float((output - base_out).square().mean().sqrt() / base_out.square().mean().sqrt()))
+
+    hooks = [m.register_forward_hook(hook) for m in module_names]
+    with torch.no_grad():
+        model(**batch)
+    for handle in hooks:
+        handle.remove()
+    return ratios
+
+
 def update_sizes(base, batch: dict, targets: list[str], p: int, lr: float) -> list[dict]:
     """`rms(delta y) / rms(y)` per module type after one AdamW step (batch = the protocol's first batch)."""
     from peft import LoraConfig
@@ -149,28 +168,30 @@ def update_sizes(base, batch: dict, targets: list[str], p: int, lr: float) -> li
         optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=lr, weight_decay=0.0)
         model(**batch).loss.backward()
         optimizer.step()
-        ratios: dict[str, list[float]] = {}
-
-        def hook(module, args, output, ratios=ratios):
-            base_out = module.base_layer(args[0])
-            ratios.setdefault(_kind(module_names[module]), []).append(
-                float((output - base_out).square().mean().sqrt() / base_out.square().mean().sqrt()))
-
-        module_names = {m: n for n, m in model.named_modules() if _kind(n) in targets and hasattr(m, "base_layer")}
-        hooks = [m.register_forward_hook(hook) for m in module_names]
-        with torch.no_grad():
-            model(**batch)
-        for handle in hooks:
-            handle.remove()
-        for kind, values in ratios.items():
+        for kind, values in _ratios(model, batch, targets).items():
             out.append(dict(method=label, module=kind, median=statistics.median(values), max=max(values)))
     return out
 
 
-def run(base, tokenizer, rows: list[dict], targets: list[str], p: int, lr: float, k: int = 4) -> dict:
+def trained_updates(base, batch: dict, targets: list[str], adapters: dict[str, str]) -> list[dict]:
+    """The same ratio at the end of training, for saved adapters (`{label: adapter folder}`): how large each
+    method's update has grown by the last step, per module type."""
+    from peft import PeftModel
+
+    out = []
+    for label, folder in adapters.items():
+        model = PeftModel.from_pretrained(copy.deepcopy(base), folder).eval()
+        for kind, values in _ratios(model, batch, targets).items():
+            out.append(dict(method=label, module=kind, median=statistics.median(values), max=max(values)))
+    return out
+
+
+def run(base, tokenizer, rows: list[dict], targets: list[str], p: int, lr: float, k: int = 4,
+        adapters: dict[str, str] | None = None) -> dict:
     batch = _batch(tokenizer, rows)
     return {"conditioning": conditioning(base, batch, targets, 4 * p, k), "router": router(base, batch, targets, 4 * p, k),
-            "update": update_sizes(base, batch, targets, p, lr), "lr": lr, "rows": len(rows), "p": p, "k": k}
+            "update": update_sizes(base, batch, targets, p, lr), "lr": lr, "rows": len(rows), "p": p, "k": k,
+            "trained": trained_updates(base, batch, targets, adapters or {})}
 
 
 def render(data: dict) -> list[str]:
@@ -192,4 +213,10 @@ def render(data: dict) -> list[str]:
             table(["method", "module", "median", "max"],
                   [[u["method"], u["module"], f"{u['median']:.5f}", f"{u['max']:.5f}"] for u in data["update"]],
                   "llrr"), ""]
+    if data.get("trained"):
+        out += ["**Update size at the end of training** (each method's seed-0 adapter at its chosen rate): "
+                "rms(delta y) / rms(y) per module, median and largest over layers", "",
+                table(["method", "module", "median", "max"],
+                      [[u["method"], u["module"], f"{u['median']:.4f}", f"{u['max']:.4f}"] for u in data["trained"]],
+                      "llrr"), ""]
     return out

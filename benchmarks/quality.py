@@ -1,7 +1,9 @@
 """Section 4: does ID-LoRA learn as well as LoRA at about half the parameters? A protocol that can tell.
 
 SmolLM2-135M-Instruct (fp32) is fine-tuned with TRL on the built-in multi-task set (`sft_dataset("train")`),
-at the main job's targets, step count, batch, schedule and length (`idlora-trl sft`'s defaults):
+at the main job's targets, schedule and length (`idlora-trl sft`'s defaults), with half its steps and half its
+batch (30 steps of 4 rows): about 100 runs must fit ~3 hours on 2 cores, and one run of the main job's size takes
+~4 min. Two workers with `--threads 1` (a `--methods` subset each) share 2 cores best; see docs/BENCHMARKS.md:
 
 1. **Learning-rate grid, on validation only.** Every method (PEFT LoRA and DoRA at rank p, PEFT VeRA, ID-LoRA
    at rank 4p) trains at each rate of one log-spaced grid with `--grid-seeds` seeds; its rate is the one with the
@@ -42,8 +44,10 @@ T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8
 def add_arguments(parser) -> None:
     g = parser.add_argument_group("quality")
     g.add_argument("--quality-p", type=int, default=8, help="LoRA/DoRA rank p; ID-LoRA gets 4p, VeRA 32p")
-    g.add_argument("--quality-steps", type=int, default=SFT_DEFAULTS["max_steps"], help="optimizer steps per run")
-    g.add_argument("--quality-batch", type=int, default=SFT_DEFAULTS["batch_size"], help="rows per step")
+    g.add_argument("--quality-steps", type=int, default=SFT_DEFAULTS["max_steps"] // 2,
+                   help="optimizer steps per run (half the main job's: the protocol must fit ~3 h on 2 cores)")
+    g.add_argument("--quality-batch", type=int, default=SFT_DEFAULTS["batch_size"] // 2,
+                   help="rows per step (half the main job's, for the same reason)")
     g.add_argument("--grid", default="2.5e-4,5e-4,1e-3,2e-3,4e-3", help="learning rates, log-spaced by a fixed factor")
     g.add_argument("--grid-seeds", type=int, default=2, help="training seeds per grid point")
     g.add_argument("--max-extend", type=int, default=2, help="grid steps added beyond an edge that wins")
@@ -60,6 +64,8 @@ def add_arguments(parser) -> None:
     g.add_argument("--work-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "idlora-trl", "quality"),
                    help="saved adapters and index files (not committed)")
     g.add_argument("--quality-minutes", type=float, default=None, help="start no new run after this many minutes")
+    g.add_argument("--no-diagnosis", action="store_true",
+                   help="skip diagnose.py (for a worker that runs some of the methods beside another)")
 
 
 def ablations(p: int, min_d_out: int) -> dict[str, dict]:
@@ -219,9 +225,17 @@ def run(args, partial=None) -> dict:
     import diagnose
     from idlora_trl.data import sft_rows
 
-    if not clock.out():
+    if not args.no_diagnosis:  # minutes, whatever the clock says: it explains the runs that exist
+        adapters = {}
+        for method, entry in data["main"].items():
+            folder = os.path.join(args.work_dir, Spec(method, entry["lr"], 0).key(bench.setup)) if entry["lr"] else None
+            if folder and os.path.isfile(os.path.join(folder, "adapter_config.json")):
+                adapters[f"{method} (lr {entry['lr']:g})"] = folder
+            else:
+                log(f"quality: diagnosis: no saved adapter of {method} at its chosen rate on this machine; "
+                    "its end-of-training update size is left out")
         data["diagnosis"] = diagnose.run(bench.base, bench.tokenizer, sft_rows("train")[:16], bench.setup["targets"],
-                                         args.quality_p, default or grid[len(grid) // 2])
+                                         args.quality_p, default or grid[len(grid) // 2], adapters=adapters)
     data["complete"] = not clock.out()
     return data
 

@@ -64,6 +64,7 @@ def test_smoke_run_writes_every_section(tmp_path):
         assert re.search(rf"\| {re.escape(label)} \| [\d.e-]+ \|.*\d\.\d{{3}}", quality), (label, quality)
     assert "The learning-rate grid" in quality and "ID-LoRA against LoRA" in quality
     assert "Skeleton conditioning" in quality and "pmrc + pivoted QR" in quality and "Update size" in quality
+    assert "Update size at the end of training" in quality and "| ID-LoRA (lr " in quality
 
     targets = _section(doc, "Targets")
     assert "Clustering speed" in targets and "Training step" in targets and "Table 3" in targets

@@ -64,6 +64,8 @@ def add_arguments(parser) -> None:
     g.add_argument("--work-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "idlora-trl", "quality"),
                    help="saved adapters and index files (not committed)")
     g.add_argument("--quality-minutes", type=float, default=None, help="start no new run after this many minutes")
+    g.add_argument("--exploration-dir", default=os.path.join(os.path.dirname(HERE), "docs", "benchmarks", "exploration"),
+                   help="single-seed runs at the main job's size, shown beside the protocol's (read, not run)")
     g.add_argument("--no-diagnosis", action="store_true",
                    help="skip diagnose.py (for a worker that runs some of the methods beside another)")
 
@@ -188,13 +190,14 @@ def run(args, partial=None) -> dict:
         args.quality_dir, args.work_dir = os.path.join(scratch, "runs"), os.path.join(scratch, "work")
         args.quality_p, args.quality_steps, args.quality_batch, args.grid = 2, 2, 4, "1e-3,2e-3"
         args.grid_seeds, args.test_seeds, args.ablation_seeds, args.max_extend = 1, 2, 1, 0
-        args.val_per_task, args.test_per_task, args.ablation_span = 2, 2, 0
+        args.val_per_task, args.test_per_task, args.ablation_span, args.exploration_dir = 2, 2, 0, scratch
         args.ablations = args.ablations if args.ablations != "all" else "router=static,selection=random,k=8, r=4"
     bench, min_d_out = _bench(args)
     clock = Clock(args.quality_minutes)
     grid = sorted(float(v) for v in args.grid.split(","))
     factor = grid[1] / grid[0] if len(grid) > 1 else 2.0
-    data = dict(setup=bench.setup, grid=grid, grid_seeds=args.grid_seeds, test_seeds=args.test_seeds, main={},
+    data = dict(setup=bench.setup, grid=grid, exploration=_exploration(args.exploration_dir),
+                grid_seeds=args.grid_seeds, test_seeds=args.test_seeds, main={},
                 ablations={}, ablation_seeds=args.ablation_seeds, ablation_grid_seeds=args.ablation_grid_seeds)
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
         chosen, curve = _grid_search(bench, method, (), grid, args.grid_seeds, factor, args.max_extend, clock)
@@ -238,6 +241,17 @@ def run(args, partial=None) -> dict:
                                          args.quality_p, default or grid[len(grid) // 2], adapters=adapters)
     data["complete"] = not clock.out()
     return data
+
+
+def _exploration(folder: str) -> list[dict]:
+    import glob
+    import json
+
+    out = []
+    for path in sorted(glob.glob(os.path.join(folder, "*-lr*-s*.json"))):
+        with open(path, encoding="utf-8") as handle:
+            out.append(json.load(handle))
+    return out
 
 
 def _rejoin(names: list[str], wanted: dict) -> list[str]:

@@ -99,6 +99,8 @@ def render(data: dict, ctx) -> tuple[str, list]:
     if plot:
         out += [f"![learning-rate grid]({ctx.plot_rel}/{plot})", ""]
     out += _ablations(data, tasks)
+    out += _questions(data)
+    out += _exploration(data)
     if data.get("diagnosis"):
         import diagnose
 
@@ -140,3 +142,52 @@ def _ablations(data: dict, tasks: list[str]) -> list[str]:
             f"default's; {data['ablation_seeds']} test seeds; Δ = variant minus default with Welch's 95% interval)",
             "", table(["variant", "lr", *tasks, "mean accuracy", "answer NLL", "Δ accuracy", "Δ NLL", "seeds"], rows,
                       "ll" + "r" * (len(tasks) + 2) + "llr"), ""]
+
+
+def _versus(data: dict, a: list[dict], b: list[dict], what: str) -> str:
+    if not a or not b:
+        return f"{what}: not measured yet (resume the protocol)."
+    return (f"{what}: accuracy {verdict([acc(r) for r in a], [acc(r) for r in b])}; answer NLL "
+            f"{verdict([nll(r) for r in a], [nll(r) for r in b], higher_is_better=False)}.")
+
+
+def _questions(data: dict) -> list[str]:
+    """The paper's claim and the reviewers' questions, answered from the runs (Welch's 95% intervals)."""
+    main, abl = data["main"], data["ablations"]
+    idl, lora = _tested(main.get("ID-LoRA", {})), _tested(main.get("LoRA", {}))
+    run = {name: _tested(entry) for name, entry in abl.items()}
+    k8 = next((n for n in run if n.startswith("k=8")), None)
+    control = next((n for n in run if n.startswith("k=4, r=")), None)
+    share = (f", with {main['ID-LoRA']['trainable'] / main['LoRA']['trainable']:.0%} of LoRA's trainable parameters,"
+             if main.get("ID-LoRA", {}).get("trainable") and main.get("LoRA", {}).get("trainable") else "")
+    lines = [_versus(data, idl, lora, f"*The paper's claim* (ID-LoRA{share} against LoRA; ID-LoRA minus LoRA)")]
+    for other in ("DoRA", "VeRA"):
+        if _tested(main.get(other, {})):
+            lines.append(_versus(data, idl, _tested(main[other]), f"*ID-LoRA against {other}* (ID-LoRA minus {other})"))
+    asked = [("router=static", "*Does a static router do as well as the token router?* (static minus token)"),
+             ("selection=random", "*Does PMRC beat random rows?* (random minus PMRC)"),
+             ("selection=sequential", "*Does PMRC beat sequential rows?* (sequential minus PMRC)"),
+             ("rank_boost=1", "*Rank boosting* (f=1, four times the parameters, minus f=2)"),
+             ("k=2", "*Sensitivity to k*: k=2 minus k=4")]
+    lines += [_versus(data, run.get(name, []), idl, text) for name, text in asked]
+    if k8:
+        lines.append(_versus(data, run[k8], run.get(control, []) if control else idl,
+                             f"*Sensitivity to k*: {k8} minus " + (f"{control} (same rank)" if control else "the default")))
+    lines += [_versus(data, run.get(name, []), idl, f"*Ours*: {name} minus the default")
+              for name in run if "(ours)" in name]
+    return ["**The paper's claim and the reviewers' questions** (differences of the means over test seeds, each "
+            "method or variant at its own chosen rate, Welch's 95% interval)", "", *(f"- {line}" for line in lines), ""]
+
+
+def _exploration(data: dict) -> list[str]:
+    """Single-seed runs at the main job's own size (60 steps of 8), kept to check that the rates transfer."""
+    runs = data.get("exploration") or []
+    if not runs:
+        return []
+    tasks = list(runs[0]["validation"]["nll"])
+    rows = [[r["label"], f"{r['lr']:g}", f"{r['setup']['steps']} x {r['setup']['batch']}",
+             *(f"{r['validation']['nll'][t]:.3f}" for t in tasks), f"{nll(r, 'validation'):.3f}"]
+            for r in sorted(runs, key=lambda r: (r["label"], r["lr"]))]
+    return ["**At the main job's size** (60 steps of 8 rows, seed 0 only, validation answer NLL; "
+            "`docs/benchmarks/exploration/`): do the rates chosen above carry over to the main job?", "",
+            table(["run", "lr", "steps x batch", *tasks, "mean"], rows, "lll" + "r" * (len(tasks) + 1)), ""]

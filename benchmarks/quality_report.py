@@ -85,6 +85,15 @@ def render(data: dict, ctx) -> tuple[str, list]:
            f"winning edge), chosen on the validation split's answer NLL ({s['validation']} items); then "
            f"{data['test_seeds']} seeds at that rate, scored on {s['test']} test items. ± is the 95% t-interval "
            "of the mean over seeds.", ""]
+    first = {}
+    for entry in [*data["main"].values(), *data["ablations"].values()]:
+        for r in _tested(entry):
+            first.setdefault(r["seed"], set()).add(round(r["losses"][0], 4))
+    if first:
+        same = all(len(v) == 1 for v in first.values())
+        out[-2] += (" A seed fixes the training rows and their order for every method (`data_seed`): "
+                    + ("checked, every run of a seed starts from the same first loss." if same else
+                       "**but the first losses of one seed differ between runs: the pairing below is not valid.**"))
     if not data.get("complete", True):
         out += ["**Partial: the protocol stopped at its time budget; the rows below hold the runs done so far "
                 "(run it again to resume).**", ""]

@@ -10,6 +10,7 @@ import contextlib
 import torch.distributed as dist
 from transformers.utils import logging
 
+from .counting import count_parameters, format_parameter_table
 from .decomposition import SELECTIONS, select_rows
 from .hookspecs import hookimpl
 
@@ -71,8 +72,6 @@ class LogReport:
 
     @hookimpl
     def idlora_report(self, model, adapter_name, config, timings):
-        from .counting import count_parameters, format_parameter_table
-
         count = count_parameters(model, adapter_name)
         logger.info(
             f"ID-LoRA adapter {adapter_name!r}: clustered {timings['modules']} module(s) in "

@@ -12,6 +12,8 @@ from typing import Optional
 
 from torch import nn
 
+from .layer import idlora_layers
+
 
 def idlora_layer_params(d_out: int, r: int, num_clusters: int, rank_boost: int, router: str) -> int:
     """`B` (`d_out/f x r/f`) plus the router (`r` for the token router, `k` for the static one)."""
@@ -45,8 +47,6 @@ def count_parameters(model: nn.Module, adapter_name: str = "default", lora_r: Op
     """Count the parameters of the ID-LoRA adapter `adapter_name` of `model` (a `PeftModel`), and those of LoRA
     and DoRA at rank `lora_r` (default `r // 4`, the paper's "ID-LoRA at rank 4p against LoRA at rank p") on the
     same modules."""
-    from .skeleton import idlora_layers
-
     layers = idlora_layers(model, adapter_name)
     if not layers:
         raise ValueError(f"No ID-LoRA layer holds an adapter named {adapter_name!r}; nothing to count.")

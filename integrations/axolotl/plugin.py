@@ -159,7 +159,7 @@ def load_saved_weights(model, directory: str, adapter_name: str = "default") -> 
     from peft import PeftModel
     from peft.utils import load_peft_weights, set_peft_model_state_dict
 
-    from idlora_trl.skeleton import idlora_layers
+    from idlora_trl.layer import idlora_layers
 
     if not isinstance(model, PeftModel):
         raise RuntimeError(f"ID-LoRA: cannot load {directory!r}: the trainer's model is a {type(model).__name__}, "

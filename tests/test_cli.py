@@ -17,7 +17,7 @@ def test_count_preset_prints_paper_table_3(capsys):
 
 
 def test_count_reads_a_config_file(tmp_path, capsys):
-    from conftest import make_llama
+    from helpers import make_llama
 
     make_llama().config.save_pretrained(tmp_path)
     main(["count", str(tmp_path / "config.json"), "--r", "8", "--num-clusters", "2", "--target-modules",

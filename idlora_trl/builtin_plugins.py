@@ -18,7 +18,8 @@ logger = logging.get_logger(f"transformers.{__name__}")  # under transformers: i
 
 
 class RowSelection:
-    """One strategy of `decomposition.select_rows`: the paper's PMRC, PMRC with pivoted rows, or an ablation baseline."""
+    """One strategy of `decomposition.select_rows`: the paper's PMRC, PMRC with pivoted rows, or an ablation
+    baseline."""
 
     def __init__(self, selection: str) -> None:
         self.name = selection

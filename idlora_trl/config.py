@@ -59,7 +59,8 @@ class IDLoRAConfig(PeftConfig):
             rows a column-pivoted QR picks in each (well-conditioned, as in the interpolative decomposition).
             `"random"` and `"sequential"`: the paper's
             ablation baselines (`k * r` random rows; the first `r` rows of `k` contiguous row blocks). Plugins
-            can add strategies (`idlora_trl.hookspecs.idlora_select_rows`).
+            can add strategies (`idlora_trl.hookspecs.idlora_select_rows`). Built-in names are checked here (a near
+            miss such as `"pmcr"` is refused); other names when the rows are selected.
         distance (`str`): `"euclidean"` (paper) or `"cosine"` (k-means on L2-normalised rows; choice).
         min_cluster_size (`int`, *optional*): Minimum number of rows per cluster in PMRC. Defaults to `r`
             (choice: the paper does not give it; it must be at least `r`).

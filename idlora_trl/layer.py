@@ -96,7 +96,8 @@ class IDLoRALayer(BaseTunerLayer):
         self.router_norm[adapter_name] = config.router_norm
         self.idlora_B[adapter_name] = nn.Linear(r // f, self.out_features // f, bias=False)
         self.idlora_T[adapter_name] = ClusterWeights(k) if self.is_static(adapter_name) else nn.Linear(r, 1, bias=False)
-        self.idlora_dropout[adapter_name] = nn.Dropout(config.idlora_dropout) if config.idlora_dropout else nn.Identity()
+        dropout = config.idlora_dropout
+        self.idlora_dropout[adapter_name] = nn.Dropout(dropout) if dropout else nn.Identity()
         self.idlora_indices[adapter_name] = torch.full((k, r), PLACEHOLDER, dtype=torch.long)
         self._indices_checked.discard(adapter_name)
         self.reset_idlora_parameters(adapter_name, config)
@@ -166,7 +167,8 @@ class IDLoRALayer(BaseTunerLayer):
                 f"Index table for module {self.module_name!r} holds values outside [0, {self.out_features}): "
                 f"it was computed for another model. Recompute the indices for this model."
             )
-        self.idlora_indices[adapter_name] = indices.to(dtype=torch.long, device=self.idlora_indices[adapter_name].device)
+        device = self.idlora_indices[adapter_name].device
+        self.idlora_indices[adapter_name] = indices.to(dtype=torch.long, device=device)
         self._indices_checked.discard(adapter_name)
 
     def has_indices(self, adapter_name: str) -> bool:

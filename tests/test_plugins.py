@@ -53,7 +53,8 @@ def test_third_party_strategy_is_used(largest_norm_plugin):
     assert torch.equal(get_indices(peft_model)["model.layers.0.mlp.up_proj"], expected)
 
 
-@pytest.mark.parametrize("typo,meant", [("pmcr", "pmrc"), ("PMRC", "pmrc"), ("pmrc_qr", "pmrc-qr"), ("randm", "random")])
+@pytest.mark.parametrize("typo,meant", [("pmcr", "pmrc"), ("PMRC", "pmrc"), ("pmrc_qr", "pmrc-qr"),
+                                        ("randm", "random")])
 def test_typo_of_a_builtin_strategy_is_refused_at_config_time(typo, meant):
     with pytest.raises(ValueError, match=rf"invalid selection='{typo}'. Did you mean '{meant}'\?"):
         IDLoRAConfig(selection=typo)

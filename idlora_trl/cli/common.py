@@ -38,9 +38,9 @@ probability = _checked(float, lambda v: 0.0 <= v < 1.0, "probability in [0, 1)")
 # --idlora-r: torchrun reads a bare --r as an abbreviation of its own --rdzv-*/--role options and stops.
 # --cluster-seed: --seed is the training seed.
 FLAGS = {"r": ("--r", "--idlora-r"), "seed": ("--cluster-seed",)}
-PARSERS = {"r": positive_int, "num_clusters": positive_int, "rank_boost": positive_int, "min_cluster_size": positive_int,
-           "seed": non_negative_int, "idlora_alpha": positive_float, "idlora_dropout": probability,
-           "init_router_std": positive_float, "indices_path": str}
+PARSERS = {"r": positive_int, "num_clusters": positive_int, "rank_boost": positive_int,
+           "min_cluster_size": positive_int, "seed": non_negative_int, "idlora_alpha": positive_float,
+           "idlora_dropout": probability, "init_router_std": positive_float, "indices_path": str}
 NOTES = {"r": "; under torchrun write --idlora-r", "indices_path": " (from `idlora-trl decompose`)"}
 COUNT_SETTINGS = ("r", "num_clusters", "rank_boost", "router", "router_norm", "selection")
 

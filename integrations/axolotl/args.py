@@ -19,7 +19,7 @@ Nothing here imports Axolotl: the module works with pydantic and `idlora_trl` al
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Literal, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 

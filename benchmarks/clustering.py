@@ -1,6 +1,6 @@
 """Section 2: clustering cost and quality of PMRC row selection against the `k-means-constrained` reference.
 
-`python benchmarks/clustering.py [options]` is `python benchmarks/run.py --only clustering --from-json [options]`.
+Run it with `python benchmarks/run.py --only clustering`.
 
 For each matrix it times `select_rows(..., selection="pmrc")` (constrained k-means + picking the rows) and
 `KMeansConstrained(n_clusters=k, size_min=r, n_init=10).fit` (the paper's reference: Bradley, Bennett and
@@ -233,7 +233,8 @@ def run(args) -> dict:
     except ImportError:
         KMeansConstrained = None
     if KMeansConstrained is not None:  # one-time costs of the reference (solver set-up) outside the timings
-        KMeansConstrained(n_clusters=2, size_min=4, n_init=1, random_state=0).fit(np.random.default_rng(0).normal(size=(32, 4)))
+        warm = np.random.default_rng(0).normal(size=(32, 4))
+        KMeansConstrained(n_clusters=2, size_min=4, n_init=1, random_state=0).fit(warm)
     torch.manual_seed(1234)
     sizes = [(256, 64), (192, 128)] if args.smoke else _parse_sizes(args.sizes)
     rows = []
@@ -329,7 +330,8 @@ def render(data: dict, ctx) -> tuple[str, list]:
         if "SmolLM2" in whole["model"]:
             full = next((w for w in whole["rows"] if w["targets"] == "all-linear"), whole["rows"][0])
             ok = full["pmrc_s"] < SMOLLM2_TARGET_S
-            targets.append(target(f"Whole SmolLM2-135M decomposition ({full['targets']}, r={whole['r']}, k={whole['k']})",
+            name = f"Whole SmolLM2-135M decomposition ({full['targets']}, r={whole['r']}, k={whole['k']})"
+            targets.append(target(name,
                                   f"< {SMOLLM2_TARGET_S:.0f} s on {ctx.threads_of(data)} threads",
                                   f"{full['pmrc_s']:.1f} s", ok,
                                   "" if ok else f"missed by {full['pmrc_s'] / SMOLLM2_TARGET_S:.2f}x"))
@@ -375,11 +377,10 @@ def _render_profile(rows: list) -> str:
         total = p["total"]
         lloyd = p["distances"] + p["assignment"]
         other = total - p["init"] - lloyd - p["means"] - p["inertia"]
-        restarts = 10
-        body.append([row["name"], fmt_s(total), f"{100 * p['init'] / total:.0f}%", f"{100 * p['distances'] / total:.0f}%",
-                     f"{100 * p['assignment'] / total:.0f}%", f"{100 * p['means'] / total:.0f}%",
-                     f"{100 * p['inertia'] / total:.0f}%", f"{100 * other / total:.0f}%",
-                     f"{p['lloyd_iterations'] / restarts:.1f}", f"{p['constrained_assignments']} / {p['repairs']}"])
+        shares = [f"{100 * x / total:.0f}%" for x in (p["init"], p["distances"], p["assignment"], p["means"],
+                                                        p["inertia"], other)]
+        body.append([row["name"], fmt_s(total), *shares, f"{p['lloyd_iterations'] / 10:.1f}",  # 10 restarts
+                     f"{p['constrained_assignments']} / {p['repairs']}"])
     text = ["**Where our clustering time goes** (one instrumented `select_rows` run per matrix; the library's "
             "helpers are wrapped with timers, so the shares are approximate)", "",
             table(["matrix", "total, s", "k-means++ init", "distance matmuls", "constrained assignment",
@@ -387,16 +388,10 @@ def _render_profile(rows: list) -> str:
                    "Lloyd assignments where the size constraint binds / shortest-path repairs"], body), ""]
     if body:
         big = max(rows, key=lambda r: r["profile"]["total"])
-        text += [f"On the largest profiled matrix ({big['name']}): " + ", ".join(
-            f"{name} {100 * share:.0f}%" for name, share in _shares(big["profile"])[:3]) + " of the time. Each Lloyd round reads the "
+        top = ", ".join(f"{name} {100 * share:.0f}%" for name, share in _shares(big["profile"])[:3])
+        text += [f"On the largest profiled matrix ({big['name']}): {top} of the time. Each Lloyd round reads the "
             "whole matrix twice (distances to the centroids of every restart still moving, then their means), "
             "matrix products with at most 10 k columns, so they are memory-bound; the k-means++ seeding of the 10 "
             "restarts runs one after the other.", ""]
     return "\n".join(text)
 
-
-if __name__ == "__main__":  # the former entry point: this section alone, the doc's other sections kept from JSON
-    import importlib
-    import sys
-
-    raise SystemExit(importlib.import_module("run").main(["--only", "clustering", "--from-json", *sys.argv[1:]]))

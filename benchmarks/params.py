@@ -23,8 +23,7 @@ def add_arguments(parser) -> None:
 def _counts(preset: str, r: int, lora_r: int, check_lora: bool = True) -> dict:
     from peft import LoraConfig, get_peft_model
 
-    from idlora_trl import IDLoRAConfig, count_parameters
-    from idlora_trl.cli.basic import meta_model
+    from idlora_trl import IDLoRAConfig, count_parameters, meta_model
 
     idlora = get_peft_model(meta_model(preset), IDLoRAConfig(r=r, num_clusters=4, rank_boost=2,
                                                              target_modules="all-linear"))

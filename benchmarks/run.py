@@ -40,7 +40,8 @@ def parser() -> argparse.ArgumentParser:
     import quality
     import training
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n".join(__doc__.splitlines()[2:]))
     ap.add_argument("--smoke", action="store_true", help="every section at toy sizes, in seconds (what CI runs)")
     ap.add_argument("--only", default=None, help="comma-separated sections: params,clustering,training,quality")
@@ -132,9 +133,9 @@ def render_doc(data: dict, errors: dict, command: str, ctx: Context, common) -> 
         ["versions", f"python {now['python']}, torch {now['torch']}, peft {now['peft']}, trl {now['trl']}, "
                      f"transformers {now['transformers']}, k-means-constrained {now['k-means-constrained']}"],
         ["date", now["date"]]], "ll"), ""]
-    head += ["## Targets", "", common.table(["target", "goal", "measured", "status", "why / by how much"], [
-        [t["target"], t["goal"], t["measured"], common.status(t["met"]), t["note"]] for t in targets], "lllll") if targets
-        else "No section with targets was run.", ""]
+    rows = [[t["target"], t["goal"], t["measured"], common.status(t["met"]), t["note"]] for t in targets]
+    head += ["## Targets", "", common.table(["target", "goal", "measured", "status", "why / by how much"], rows,
+                                            "lllll") if targets else "No section with targets was run.", ""]
     return "\n".join(head + sections).rstrip() + "\n"
 
 

@@ -210,11 +210,6 @@ def run(args) -> dict:
 
 
 # -------------------------------------------------------------------------------------------- render
-def _ratio_cells(values: dict[str, float], digits: int = 3) -> list[str]:
-    lora = values["LoRA"]
-    return [f"{values[m]:.{digits}f}x" if m == "LoRA" else f"{values[m] / lora:.{digits}f}x" for m in METHODS]
-
-
 def _section_table(res: dict, what: str) -> list[list]:
     rows = []
     for m in METHODS:

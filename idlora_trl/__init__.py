@@ -5,26 +5,28 @@ Importing this package registers ID-LoRA with PEFT, so `peft.get_peft_model(mode
 """
 
 from .config import IDLoRAConfig
-from .counting import count_parameters, format_parameter_table
+from .counting import count_parameters, format_parameter_table, meta_model
 from .indices import read_indices, save_indices
 from .layer import IDLoRALayer
 from .model import IDLoRAModel
+from .peft_type import IDLoRAPeftType
+from .registration import register_with_peft
 from .skeleton import decompose, get_indices
-from .peft_type import IDLoRAPeftType, register_with_peft
 
 __version__ = "0.1.0"
 
 register_with_peft()
 
-_LAZY = {"IDLoRASFTTrainer": "trainers", "IDLoRADPOTrainer": "trainers"}  # TRL is imported on first use
+_TRAINERS = ("IDLoRASFTTrainer", "IDLoRADPOTrainer")  # TRL is imported on first use
 
 
 def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
+    if name in _TRAINERS:
+        from . import trainers
 
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        return getattr(trainers, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "IDLoRAConfig",
@@ -37,6 +39,7 @@ __all__ = [
     "decompose",
     "format_parameter_table",
     "get_indices",
+    "meta_model",
     "read_indices",
     "save_indices",
 ]

@@ -10,6 +10,7 @@ import contextlib
 import torch.distributed as dist
 from transformers.utils import logging
 
+from .counting import count_parameters, format_parameter_table
 from .decomposition import SELECTIONS, select_rows
 from .hookspecs import hookimpl
 
@@ -17,7 +18,8 @@ logger = logging.get_logger(f"transformers.{__name__}")  # under transformers: i
 
 
 class RowSelection:
-    """One strategy of `decomposition.select_rows`: the paper's PMRC, PMRC with pivoted rows, or an ablation baseline."""
+    """One strategy of `decomposition.select_rows`: the paper's PMRC, PMRC with pivoted rows, or an ablation
+    baseline."""
 
     def __init__(self, selection: str) -> None:
         self.name = selection
@@ -71,8 +73,6 @@ class LogReport:
 
     @hookimpl
     def idlora_report(self, model, adapter_name, config, timings):
-        from .counting import count_parameters, format_parameter_table
-
         count = count_parameters(model, adapter_name)
         logger.info(
             f"ID-LoRA adapter {adapter_name!r}: clustered {timings['modules']} module(s) in "

@@ -6,16 +6,22 @@ project decides (see `docs/METHOD.md`).
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal, Optional, Union, get_args
 
 from peft.config import PeftConfig
 
+from .decomposition import DISTANCES, SELECTIONS, Distance
 from .peft_type import IDLoRAPeftType
 
-ROUTERS = ("token", "static")
-ROUTER_NORMS = ("none", "rms")
-DISTANCES = ("euclidean", "cosine")
+# The one definition of each choice of the adapter (the layer, CLI and Axolotl read these).
+Router = Literal["token", "static"]
+ROUTERS: tuple[str, ...] = get_args(Router)
+RouterNorm = Literal["none", "rms"]
+ROUTER_NORMS: tuple[str, ...] = get_args(RouterNorm)
+
+__all__ = ["DISTANCES", "ROUTERS", "ROUTER_NORMS", "SELECTIONS", "IDLoRAConfig"]
 
 
 @dataclass
@@ -53,7 +59,8 @@ class IDLoRAConfig(PeftConfig):
             rows a column-pivoted QR picks in each (well-conditioned, as in the interpolative decomposition).
             `"random"` and `"sequential"`: the paper's
             ablation baselines (`k * r` random rows; the first `r` rows of `k` contiguous row blocks). Plugins
-            can add strategies (`idlora_trl.hookspecs.idlora_select_rows`).
+            can add strategies (`idlora_trl.hookspecs.idlora_select_rows`). Built-in names are checked here (a near
+            miss such as `"pmcr"` is refused); other names when the rows are selected.
         distance (`str`): `"euclidean"` (paper) or `"cosine"` (k-means on L2-normalised rows; choice).
         min_cluster_size (`int`, *optional*): Minimum number of rows per cluster in PMRC. Defaults to `r`
             (choice: the paper does not give it; it must be at least `r`).
@@ -80,14 +87,15 @@ class IDLoRAConfig(PeftConfig):
     rank_boost: int = field(default=2, metadata={"help": "Rank-boost factor f (paper: 2)."})
     idlora_alpha: Optional[float] = field(default=None, metadata={"help": "Scaling s = idlora_alpha / r; default r."})
     idlora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the mixed vector v."})
-    router: Literal["token", "static"] = field(default="token", metadata={"help": "'token' (paper) or 'static'."})
-    router_norm: Literal["none", "rms"] = field(
+    router: Router = field(default="token", metadata={"help": "'token' (paper) or 'static' (mergeable)."})
+    router_norm: RouterNorm = field(
         default="none", metadata={"help": "Token router scale: 'none' (paper, alpha = <T, x>) or 'rms' (scale-free)."}
     )
     selection: str = field(
-        default="pmrc", metadata={"help": "Skeleton rows: 'pmrc' (paper), 'pmrc-qr', 'random', 'sequential', or a plugin's."}
+        default="pmrc", metadata={"help": f"Skeleton rows: one of {', '.join(SELECTIONS)} ('pmrc' is the paper's), "
+                                          "or a plugin's strategy."}
     )
-    distance: Literal["euclidean", "cosine"] = field(default="euclidean", metadata={"help": "Clustering distance."})
+    distance: Distance = field(default="euclidean", metadata={"help": "Clustering distance (paper: euclidean)."})
     min_cluster_size: Optional[int] = field(default=None, metadata={"help": "Minimum rows per cluster; default r."})
     seed: int = field(default=0, metadata={"help": "Seed of the clustering."})
     init_weights: bool = field(default=True, metadata={"help": "B = 0 and a small random T (identity at step 0)."})
@@ -139,10 +147,7 @@ class IDLoRAConfig(PeftConfig):
             raise bad("router", self.router, f"Choose one of {ROUTERS}.")
         if self.router_norm not in ROUTER_NORMS:
             raise bad("router_norm", self.router_norm, f"Choose one of {ROUTER_NORMS}.")
-        from .plugins import selection_names
-
-        if self.selection not in selection_names():
-            raise bad("selection", self.selection, f"Choose one of {selection_names()} (strategies come from plugins).")
+        self._check_selection_name(bad)
         if self.distance not in DISTANCES:
             raise bad("distance", self.distance, f"Choose one of {DISTANCES}.")
         if not isinstance(self.min_cluster_size, int) or self.min_cluster_size < self.r:
@@ -159,6 +164,20 @@ class IDLoRAConfig(PeftConfig):
         if self.target_parameters:
             raise bad("target_parameters", self.target_parameters,
                       "ID-LoRA adapts whole modules; use target_modules instead.")
+
+    def _check_selection_name(self, bad) -> None:
+        """Built-in names are a constant, checked here; any other name must come from a plugin and is checked
+        when rows are selected (`plugins.check_selection`), so a config never starts the plugin manager. A
+        near miss of a built-in name (`"PMRC"`, `"pmrc_qr"`) is taken for a typo and refused now."""
+        name = self.selection
+        if not isinstance(name, str) or not name:
+            raise bad("selection", name, f"Choose one of {SELECTIONS}, or a plugin's strategy name.")
+        if name in SELECTIONS:
+            return
+        near = difflib.get_close_matches(name.lower().replace("_", "-"), SELECTIONS, n=1, cutoff=0.75)
+        if near:
+            raise bad("selection", name, f"Did you mean {near[0]!r}? Built-in strategies: {SELECTIONS}; plugin "
+                      "strategies must not be spelt like a built-in one.")
 
     @property
     def scaling(self) -> float:

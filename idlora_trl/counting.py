@@ -6,11 +6,14 @@ ZeRO-3 (where local tensors are empty). Percentages are trainable / (base + trai
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Optional
 
 from torch import nn
+
+from .layer import idlora_layers
 
 
 def idlora_layer_params(d_out: int, r: int, num_clusters: int, rank_boost: int, router: str) -> int:
@@ -45,8 +48,6 @@ def count_parameters(model: nn.Module, adapter_name: str = "default", lora_r: Op
     """Count the parameters of the ID-LoRA adapter `adapter_name` of `model` (a `PeftModel`), and those of LoRA
     and DoRA at rank `lora_r` (default `r // 4`, the paper's "ID-LoRA at rank 4p against LoRA at rank p") on the
     same modules."""
-    from .skeleton import idlora_layers
-
     layers = idlora_layers(model, adapter_name)
     if not layers:
         raise ValueError(f"No ID-LoRA layer holds an adapter named {adapter_name!r}; nothing to count.")
@@ -91,3 +92,36 @@ def format_parameter_table(count: ParameterCount) -> str:
         f"ID-LoRA trains {count.idlora / count.lora:.1%} of LoRA's parameters.",
     ]
     return "\n".join(lines)
+
+
+PRESETS = {  # shapes from the public configs; enough to count parameters on the meta device
+    "llama-3.2-3b": dict(model_type="llama", hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                         num_attention_heads=24, num_key_value_heads=8, vocab_size=128256,
+                         tie_word_embeddings=True),
+    "llama-3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                       tie_word_embeddings=False),
+    "mistral-7b": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+                       tie_word_embeddings=False),
+}
+
+
+def meta_model(source: str):
+    """A causal LM on the meta device (no weights) from a preset name, a model directory or a config.json: enough
+    to count parameters exactly. Raises `ValueError` for a source it cannot read."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if source in PRESETS:
+        preset = dict(PRESETS[source])
+        config = AutoConfig.for_model(preset.pop("model_type"), **preset)
+    elif os.path.isdir(source) or os.path.isfile(source):
+        try:
+            config = AutoConfig.from_pretrained(source)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"cannot read a model config from {source!r}: {error}") from error
+    else:
+        raise ValueError(f"{source!r} is neither a model directory, a config.json, nor one of {sorted(PRESETS)}")
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)

@@ -32,13 +32,18 @@ import heapq
 import math
 from numbers import Integral
 
+from typing import Literal, get_args
+
 import torch
 
 __all__ = ["SELECTIONS", "CLUSTERED", "DISTANCES", "constrained_kmeans", "pivoted_rows", "select_rows"]
 
-SELECTIONS = ("pmrc", "pmrc-qr", "random", "sequential")
+# The one definition of each choice of the decomposition (config, CLI and Axolotl read these).
+Selection = Literal["pmrc", "pmrc-qr", "random", "sequential"]  # built-in strategies; plugins may add more
+SELECTIONS: tuple[str, ...] = get_args(Selection)
 CLUSTERED = ("pmrc", "pmrc-qr")  # the selections that run the size-constrained k-means
-DISTANCES = ("euclidean", "cosine")
+Distance = Literal["euclidean", "cosine"]
+DISTANCES: tuple[str, ...] = get_args(Distance)
 
 
 # --------------------------------------------------------------------------------------------- helpers

@@ -1,14 +1,16 @@
 """All of idlora-trl's pluggy hooks, in one place.
 
 A plugin is any object (a module, a class instance) with functions named like these, marked with
-`idlora_trl.hookimpl`. Register it with `idlora_trl.plugins.get_plugin_manager().register(obj)`, or ship it
-in a package with an entry point in the group `idlora_trl`:
+`idlora_trl.hookspecs.hookimpl`. Register it with `idlora_trl.plugins.get_plugin_manager().register(obj)`, or
+ship it in a package with an entry point in the group `idlora_trl`:
 
     [project.entry-points.idlora_trl]
     my_rows = "my_package.my_module"
 
-The built-in strategies (`idlora_trl/builtin_plugins.py`, `integrations/deepspeed`) are registered the same
-way, so a plugin can add a strategy or override a built-in one (`@hookimpl(tryfirst=True)`).
+The built-in plugins (`idlora_trl/builtin_plugins.py`: the four row-selection strategies, plain weight access,
+the index exchange and the report) are registered the same way, and so is the DeepSpeed ZeRO-3 weight context
+(`integrations/deepspeed/plugin.py`, through the entry point); a plugin can add a strategy or override a
+built-in one (`@hookimpl(tryfirst=True)`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ hookimpl = pluggy.HookimplMarker("idlora_trl")
 def idlora_selection_names() -> list[str]:
     """The values of `IDLoRAConfig.selection` this plugin implements (e.g. `["pmrc"]`).
 
-    `IDLoRAConfig` accepts a selection only if some plugin names it, so a typo fails at config time.
+    `IDLoRAConfig` checks the built-in names itself (and refuses near misses of them) without starting the plugin
+    manager; any other name is checked against these answers when rows are selected (`plugins.check_selection`),
+    and by the command line and the Axolotl plugin when they build the config. Plugin names must not be near
+    misses of built-in ones (`"PMRC"`, `"pmrc_qr"`): the config takes those for typos.
     """
 
 

@@ -5,6 +5,9 @@ State per adapter `a` (names are part of the public state-dict format):
 - `idlora_T[a]`: the router. Token router: `nn.Linear(r -> 1, bias=False)`; static router: `ClusterWeights`,
   one weight per cluster (`[k]`). Trainable.
 - `idlora_indices[a]`: `[k, r]` int64 rows of the frozen weight, a persistent buffer. `-1` until computed.
+
+`B` and `T` stay float32 on a half-precision base, after `.to(torch.bfloat16)` and under `torch.autocast`
+(`precision.py`); the base output is cast back to the base dtype at the end.
 """
 
 from __future__ import annotations
@@ -14,13 +17,15 @@ import warnings
 from typing import Any, Optional
 
 import torch
+from peft import PeftModel
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import IDLoRAConfig
 from .decomposition import CLUSTERED
+from .precision import adapter_dtype, float32_region, keep_float32
 
 PLACEHOLDER = -1
 RMS_EPS = 1e-12  # keeps rsqrt finite for an all-zero token (its alpha is 0 then: <T, 0> = 0)
@@ -90,16 +95,18 @@ class IDLoRALayer(BaseTunerLayer):
         self.router[adapter_name] = config.router
         self.router_norm[adapter_name] = config.router_norm
         self.idlora_B[adapter_name] = nn.Linear(r // f, self.out_features // f, bias=False)
-        if config.router == "token":
-            self.idlora_T[adapter_name] = nn.Linear(r, 1, bias=False)
-        else:
-            self.idlora_T[adapter_name] = ClusterWeights(k)
-        self.idlora_dropout[adapter_name] = nn.Dropout(config.idlora_dropout) if config.idlora_dropout else nn.Identity()
+        self.idlora_T[adapter_name] = ClusterWeights(k) if self.is_static(adapter_name) else nn.Linear(r, 1, bias=False)
+        dropout = config.idlora_dropout
+        self.idlora_dropout[adapter_name] = nn.Dropout(dropout) if dropout else nn.Identity()
         self.idlora_indices[adapter_name] = torch.full((k, r), PLACEHOLDER, dtype=torch.long)
         self._indices_checked.discard(adapter_name)
         self.reset_idlora_parameters(adapter_name, config)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def is_static(self, adapter_name: str) -> bool:
+        """Whether `adapter_name` uses the static router (the one test of the router type in this layer)."""
+        return self.router[adapter_name] == "static"
 
     def _check_shapes(self, r: int, k: int, f: int, min_size: int) -> None:
         d_out, where = self.out_features, f"module {self.module_name!r} (d_out={self.out_features})"
@@ -122,9 +129,8 @@ class IDLoRALayer(BaseTunerLayer):
             nn.init.zeros_(B)
         else:  # non-identity start, for tests
             nn.init.normal_(B, std=1.0 / math.sqrt(B.shape[1]))
-        T = self.idlora_T[adapter_name]
-        if isinstance(T, nn.Linear):
-            nn.init.normal_(T.weight, std=config.router_std)
+        if not self.is_static(adapter_name):  # the static router starts at alpha_i = 1 / k (ClusterWeights)
+            nn.init.normal_(self.idlora_T[adapter_name].weight, std=config.router_std)
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
         """Move the adapter to the base layer's device, keeping it in (at least) float32.
@@ -136,7 +142,7 @@ class IDLoRALayer(BaseTunerLayer):
         target = device if device is not None else weight.device
         if target.type == "meta":
             return
-        dtype = torch.promote_types(weight.dtype, torch.float32) if weight.dtype.is_floating_point else torch.float32
+        dtype = adapter_dtype(weight.dtype)
         for name in self.adapter_layer_names + ("idlora_indices", "idlora_dropout"):
             container = getattr(self, name)
             if adapter_name not in container:
@@ -161,7 +167,8 @@ class IDLoRALayer(BaseTunerLayer):
                 f"Index table for module {self.module_name!r} holds values outside [0, {self.out_features}): "
                 f"it was computed for another model. Recompute the indices for this model."
             )
-        self.idlora_indices[adapter_name] = indices.to(dtype=torch.long, device=self.idlora_indices[adapter_name].device)
+        device = self.idlora_indices[adapter_name].device
+        self.idlora_indices[adapter_name] = indices.to(dtype=torch.long, device=device)
         self._indices_checked.discard(adapter_name)
 
     def has_indices(self, adapter_name: str) -> bool:
@@ -191,7 +198,7 @@ class IDLoRALayer(BaseTunerLayer):
         but `alpha_i` no longer grows with the activations, so `v` (and the update) is linear in them, as in LoRA.
         """
         router = self.idlora_T[adapter_name]
-        if isinstance(router, ClusterWeights):
+        if self.is_static(adapter_name):
             return router(gathered)
         alpha = router(gathered)  # [..., k, 1]
         if self.router_norm[adapter_name] == "rms":
@@ -223,26 +230,28 @@ class IDLoRALayer(BaseTunerLayer):
                 f"ID-LoRA adapter(s) {paper} on module {self.module_name!r} turned a finite output into inf/NaN "
                 f"(max |W h| = {base_out.abs().max().item():.3g}, max |T| = {T:.3g}, max |B| = {B:.3g}). With "
                 "router_norm='none' (the paper's router) the update is quadratic in the activations and overflows "
-                "at this scale. Use router_norm='rms' (the default: linear in the activations, like LoRA), or a "
-                "lower learning rate."
+                "at this scale. Use router_norm='rms' (scale-free: the update is linear in the activations, like "
+                "LoRA's; the default 'none' is the paper's router), or a lower learning rate."
             )
         return out
 
     def _update(self, adapter_name: str, base_out: torch.Tensor) -> torch.Tensor:
         """`s * concat_j(B v_j)` in float32, from the base layer's output `W h + b`."""
         f, r = self.rank_boost[adapter_name], self.r[adapter_name]
-        v = self._mixed_input(adapter_name, base_out)
-        B = self.idlora_B[adapter_name]
-        return B(v.unflatten(-1, (f, r // f)).to(B.weight.dtype)).flatten(-2) * self.scaling[adapter_name]
+        with float32_region(base_out):  # the adapter's arithmetic stays float32 under torch.autocast
+            v = self._mixed_input(adapter_name, base_out)
+            B = self.idlora_B[adapter_name]
+            return B(v.unflatten(-1, (f, r // f)).to(B.weight.dtype)).flatten(-2) * self.scaling[adapter_name]
 
     def _fused_forward(self, adapter_name: str, base_out: torch.Tensor) -> torch.Tensor:
         """`base_out + s * concat_j(B v_j)` as one `addmm`: with a float32 base output the f blocks of B are a
         `[N f, r/f] x [r/f, d_out/f]` product added onto `base_out` viewed as `[N f, d_out/f]` (same values as
         `_update` plus the add, without the three intermediate `[N, d_out]` tensors)."""
-        v = self._mixed_input(adapter_name, base_out)
-        weight = self.idlora_B[adapter_name].weight  # [d_out/f, r/f]
-        out = torch.addmm(base_out.reshape(-1, weight.shape[0]), v.reshape(-1, weight.shape[1]), weight.t(),
-                          alpha=self.scaling[adapter_name])
+        with float32_region(base_out):
+            v = self._mixed_input(adapter_name, base_out)
+            weight = self.idlora_B[adapter_name].weight  # [d_out/f, r/f]
+            out = torch.addmm(base_out.reshape(-1, weight.shape[0]), v.reshape(-1, weight.shape[1]), weight.t(),
+                              alpha=self.scaling[adapter_name])
         return out.view(base_out.shape)
 
     def idlora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -256,14 +265,18 @@ class IDLoRALayer(BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         base_out = self.base_layer(x, *args, **kwargs)
         active = [name for name in self.active_adapters if name in self.idlora_B]
+        if not active:
+            return base_out
         if (len(active) == 1 and base_out.dtype == torch.float32
                 and self.idlora_B[active[0]].weight.dtype == torch.float32):
-            return self._check_finite(active, base_out, self._fused_forward(active[0], base_out))  # one fp32 adapter
-        update = None
-        for name in active:
-            delta = self._update(name, base_out)  # every adapter reads the base output, never another's
-            update = delta if update is None else update + delta
-        return base_out if update is None else self._check_finite(active, base_out, base_out + update.to(base_out.dtype))
+            out = self._fused_forward(active[0], base_out)  # one float32 adapter
+        else:
+            update = None
+            for name in active:
+                delta = self._update(name, base_out)  # every adapter reads the base output, never another's
+                update = delta if update is None else update + delta
+            out = base_out + update.to(base_out.dtype)
+        return self._check_finite(active, base_out, out)
 
     # ------------------------------------------------------------------ merging (static router only)
 
@@ -278,7 +291,7 @@ class IDLoRALayer(BaseTunerLayer):
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The adapter's update as a `[d_out, d_in]` matrix, from the unmerged weight. Static router only."""
-        if self.router[adapter_name] != "static":
+        if not self.is_static(adapter_name):
             raise ValueError(self._merge_error(adapter_name))
         return self._delta_from_rows(adapter_name, self._unmerged_rows(adapter_name))
 
@@ -297,16 +310,18 @@ class IDLoRALayer(BaseTunerLayer):
             "to remove the adapter without merging."
         )
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        for name in adapter_names:
-            if name not in self.idlora_B:
-                continue
-            if self.router[name] != "static":
+    def check_mergeable(self, adapter_names: Optional[list[str]] = None) -> list[str]:
+        """The adapters a merge would act on here (not yet merged); raises, changing nothing, if one cannot be
+        merged. `IDLoRAModel` runs it on every layer before any layer merges."""
+        names = [name for name in check_adapters_to_merge(self, adapter_names) if name in self.idlora_B]
+        for name in names:
+            if not self.is_static(name):
                 raise ValueError(self._merge_error(name))
-        for name in adapter_names:
-            if name not in self.idlora_B:
-                continue
+            self._checked_indices(name)
+        return names
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        for name in self.check_mergeable(adapter_names):
             rows = self._unmerged_rows(name)
             delta = self._delta_from_rows(name, rows)
             rows_view = weight_rows(self.get_base_layer())
@@ -341,9 +356,28 @@ class Linear(nn.Module, IDLoRALayer):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.idlora_forward(x, *args, **kwargs)
 
+    def _apply(self, fn, *args: Any, **kwargs: Any):
+        """`.to(dtype)`, `.half()`, `.bfloat16()` cast the base layer; the adapter stays (at least) float32."""
+        super()._apply(fn, *args, **kwargs)
+        keep_float32(self.idlora_B)
+        keep_float32(self.idlora_T)
+        return self
+
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self._indices_checked.clear()  # loaded indices are checked again at the next forward
         super()._load_from_state_dict(*args, **kwargs)
 
     def __repr__(self) -> str:
         return "idlora." + super().__repr__()
+
+
+def idlora_layers(model: nn.Module, adapter_name: Optional[str] = None) -> list[tuple[str, IDLoRALayer]]:
+    """`(module name in the base model, layer)` for every ID-LoRA layer (holding `adapter_name`, if given)."""
+    if isinstance(model, PeftModel):
+        model = model.base_model
+    if isinstance(model, BaseTuner):
+        model = model.model
+    return [
+        (name, module) for name, module in model.named_modules()
+        if isinstance(module, IDLoRALayer) and (adapter_name is None or adapter_name in module.idlora_indices)
+    ]

@@ -7,15 +7,18 @@ Injection and decomposition are two steps: `_create_and_replace` builds each lay
 
 from __future__ import annotations
 
+from typing import Optional
+
 from peft.tuners.tuners_utils import BaseTuner
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import IDLoRAConfig
-from .layer import IDLoRALayer, Linear
+from .layer import IDLoRALayer, Linear, idlora_layers
 from .peft_type import PREFIX
 from .plugins import get_plugin_manager
+from .precision import autocast_false_error, half_precision_bases
 from .skeleton import fill_indices
 
 
@@ -78,3 +81,59 @@ class IDLoRAModel(BaseTuner):
         timings = fill_indices(model, adapter_name, self.peft_config)
         get_plugin_manager().hook.idlora_report(model=model, adapter_name=adapter_name,
                                                 config=self.peft_config[adapter_name], timings=timings)
+
+    # ------------------------------------------------------------------ PEFT hooks
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        """As PEFT's `LoraModel._replace_module`: put `new_module` in place and move the adapter's modules to the
+        base weight's device. (`BaseTuner`'s generic version also assigns `child.weight` to an unloaded base
+        module, which fails for PEFT's trainable-token wrappers: their `weight` is a computed tensor.)"""
+        setattr(parent, child_name, new_module)
+        if hasattr(child, "base_layer"):
+            child = child.base_layer
+        weight = getattr(child, "weight", None)
+        if weight is None:
+            weight = next(child.parameters(), None)
+        if weight is None:
+            return
+        for name, module in new_module.named_modules():
+            if self.prefix in name and not any(p.is_meta for p in module.parameters()):
+                module.to(weight.device)
+
+    def check_mergeable(self, adapter_names: Optional[list[str]] = None) -> None:
+        """Raise, before anything is merged, if some targeted module cannot merge `adapter_names` (default: the
+        active adapters), e.g. a token-router adapter next to static ones. Merging is all or nothing."""
+        for _, layer in idlora_layers(self.model):
+            layer.check_mergeable(adapter_names)
+
+    def _check_merge_allowed(self) -> None:
+        super()._check_merge_allowed()
+        self.check_mergeable()
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        self.check_mergeable(adapter_names)
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: Optional[list[str]] = None) -> nn.Module:
+        self.check_mergeable(adapter_names)
+        return super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        """ID-LoRA's weights are float32 whatever the base dtype (`precision.py`): PEFT's default
+        (`autocast_adapter_dtype=True`) is what ID-LoRA does anyway; `False` on a half-precision base is
+        refused, and the adapter just added is removed again, so the model is left as it was."""
+        if not autocast_adapter_dtype:
+            half = half_precision_bases(layer for _, layer in idlora_layers(self.model, adapter_name))
+            if half:
+                self._remove_adapter(adapter_name)
+                raise ValueError(autocast_false_error(half))
+        super()._cast_adapter_dtype(adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+
+    def _remove_adapter(self, adapter_name: str) -> None:
+        if set(self.peft_config) == {adapter_name}:  # get_peft_model / from_pretrained: give the model back as it was
+            self._unload_and_optionally_merge(merge=False)
+        else:  # add_adapter / load_adapter: the other adapters stay as they were
+            active = self.active_adapter
+            self.delete_adapter(adapter_name)
+            self.active_adapter = active

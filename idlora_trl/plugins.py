@@ -28,3 +28,15 @@ def selection_names() -> list[str]:
     """Every selection strategy some registered plugin implements."""
     names = get_plugin_manager().hook.idlora_selection_names()
     return sorted({name for plugin_names in names for name in plugin_names})
+
+
+def check_selection(name: str) -> None:
+    """Raise a clear error unless a registered plugin implements the selection strategy `name`. (`IDLoRAConfig`
+    checks built-in names itself, without starting the plugin manager; other names are checked here, when
+    rows are selected.)"""
+    known = selection_names()
+    if name not in known:
+        raise ValueError(
+            f"IDLoRAConfig: invalid selection={name!r}. Choose one of {known}: no installed plugin implements "
+            f"{name!r} (plugins register under the entry-point group {ENTRY_POINT_GROUP!r})."
+        )

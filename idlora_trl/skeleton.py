@@ -28,8 +28,10 @@ from torch import nn
 from transformers.utils import logging
 
 from .indices import load_indices
-from .layer import IDLoRALayer, weight_rows
-from .plugins import get_plugin_manager
+from .layer import IDLoRALayer, idlora_layers, weight_rows
+from .plugins import check_selection, get_plugin_manager
+
+__all__ = ["decompose", "fill_indices", "get_indices", "idlora_layers"]
 
 logger = logging.get_logger(f"transformers.{__name__}")  # under transformers: its verbosity applies
 
@@ -38,21 +40,6 @@ def rank_and_world_size() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def idlora_layers(model: nn.Module, adapter_name: Optional[str] = None) -> list[tuple[str, IDLoRALayer]]:
-    """`(module name in the base model, layer)` for every ID-LoRA layer (holding `adapter_name`, if given)."""
-    from peft import PeftModel
-    from peft.tuners.tuners_utils import BaseTuner
-
-    if isinstance(model, PeftModel):
-        model = model.base_model
-    if isinstance(model, BaseTuner):
-        model = model.model
-    return [
-        (name, module) for name, module in model.named_modules()
-        if isinstance(module, IDLoRALayer) and (adapter_name is None or adapter_name in module.idlora_indices)
-    ]
 
 
 def fill_indices(model: nn.Module, adapter_name: str, peft_configs: dict) -> dict[str, float]:
@@ -91,6 +78,7 @@ def fill_indices(model: nn.Module, adapter_name: str, peft_configs: dict) -> dic
 def decompose_layers(layers: list[tuple[str, IDLoRALayer]], adapter_name: str, config) -> float:
     """Cluster each layer's frozen weight (spread over the ranks), make the tables agree across processes,
     and install them. Returns the time it took."""
+    check_selection(config.selection)  # a plugin's strategy name is checked here, before any work
     hook = get_plugin_manager().hook
     rank, world = rank_and_world_size()
     start = time.perf_counter()

@@ -22,7 +22,7 @@ from trl import DPOTrainer, SFTTrainer
 
 from .config import IDLoRAConfig
 from .counting import count_parameters, format_parameter_table
-from .skeleton import idlora_layers
+from .layer import idlora_layers
 
 logger = logging.get_logger(f"transformers.{__name__}")  # under transformers: its verbosity applies
 

@@ -222,16 +222,18 @@ def test_without_the_plugin_idlora_is_unknown(workspace, plugin_manager):
 
 @pytest.mark.parametrize(("block", "message"), [
     ({"k": 2, "kk": 3}, r"idlora: unknown key\(s\) \['kk'\]"),
-    ({"k": 0}, "greater than or equal to 1"),
+    ({"k": 0}, "invalid num_clusters=0"),
     ({"k": 2, "num_clusters": 3}, "k=2 and num_clusters=3 disagree"),
     ({"router": "dynamic"}, "'token' or 'static'"),
     ({"rank_boost": 3}, "r must be divisible by rank_boost=3"),
     ({"selection": "nope"}, "invalid selection='nope'"),
     ({"min_cluster_size": 4}, "min_cluster_size"),
-    ({"init_router_std": -1.0}, "greater than 0"),
+    ({"init_router_std": -1.0}, "invalid init_router_std=-1.0"),
     ({"distance": "manhattan"}, "'euclidean' or 'cosine'"),
+    ({"router_norm": "softmax"}, "'none' or 'rms'"),
+    ({"selection": "pmrc_qr"}, "Did you mean 'pmrc-qr'"),
 ], ids=["unknown-key", "k-zero", "k-vs-num_clusters", "router", "rank-boost", "selection", "min-cluster-size",
-        "router-std", "distance"])
+        "router-std", "distance", "router-norm", "selection-typo"])
 def test_bad_idlora_block_is_a_clear_error(workspace, plugin_manager, block, message):
     with pytest.raises(ValueError, match=message):
         validate(workspace, plugin_manager, idlora=block)

@@ -59,7 +59,8 @@ def test_smoke_run_writes_every_section(tmp_path):
 
     quality = _section(doc, "4. Quality on a real model")
     for method in ("LoRA", "DoRA", "VeRA", "ID-LoRA"):  # chosen rate, trainable count, accuracy ± CI, NLL
-        assert re.search(rf"\| {method} \| [\d.e-]+ \| [\d,]+.*\| \d\.\d{{3}} ± \d\.\d{{3}} \| \d", quality), (method, quality)
+        row = rf"\| {method} \| [\d.e-]+ \| [\d,]+.*\| \d\.\d{{3}} ± \d\.\d{{3}} \| \d"
+        assert re.search(row, quality), (method, quality)
     for label in ("router=static", "selection=random", "k=8, r=4"):
         assert re.search(rf"\| {re.escape(label)} \| [\d.e-]+ \|.*\d\.\d{{3}}", quality), (label, quality)
     assert "The learning-rate grid" in quality and "ID-LoRA against LoRA" in quality

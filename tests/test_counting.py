@@ -47,7 +47,7 @@ def test_paper_table_3_on_the_meta_device():
 
 @pytest.mark.parametrize("router, rank_boost", [("token", 1), ("token", 2), ("static", 2)])
 def test_counts_match_real_parameters(router, rank_boost):
-    from conftest import make_llama
+    from helpers import make_llama
 
     peft_model = get_peft_model(make_llama(), IDLoRAConfig(r=8, num_clusters=2, router=router,
                                                            rank_boost=rank_boost))

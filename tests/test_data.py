@@ -199,7 +199,7 @@ class EchoModel(torch.nn.Module):
 
 
 def test_generate_keeps_order_and_cuts_the_prompt():
-    from conftest import make_tokenizer
+    from helpers import make_tokenizer
 
     tok = make_tokenizer()
     questions = ["what is 1 plus 2?", "the sky is", "what is 10 plus 11? answer with the number only please"]
@@ -212,7 +212,7 @@ def test_generate_keeps_order_and_cuts_the_prompt():
 
 
 def test_evaluate_accuracy_and_refusal_rates_count_exact_matches():
-    from conftest import make_tokenizer
+    from helpers import make_tokenizer
 
     tok = make_tokenizer()
     rows = [{"prompt": [{"role": "user", "content": "what is 1 plus 2?"}], "task": "arithmetic", "answer": "3"},

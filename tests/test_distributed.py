@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_llama
+from helpers import make_llama
 from launch import free_port, torchrun
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file

@@ -24,7 +24,7 @@ CPU_CONFIG = str(files("idlora_trl.integrations.deepspeed") / "zero3_cpu_fp32.js
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from conftest import make_chat_llama, make_tokenizer
+    from helpers import make_chat_llama, make_tokenizer
 
     path = tmp_path_factory.mktemp("tiny-chat-llama")
     tokenizer = make_tokenizer()
@@ -39,7 +39,8 @@ def test_cli_with_deepspeed_zero3_on_two_ranks(tiny_model_dir, tmp_path, command
     launch = torchrun("cli.py", str(tmp_path), command, "--deepspeed", CPU_CONFIG, "--model", str(tiny_model_dir),
                       "--idlora-r", "8", "--num-clusters", "2", "--target-modules", "all-linear", "--max-steps", "4",
                       "--batch-size", "4", "--max-train-samples", "32", "--eval-samples", "2",
-                      "--logging-steps", "1", "--learning-rate", "1e-2", "--output-dir", str(adapter), log=tmp_path / "run")
+                      "--logging-steps", "1", "--learning-rate", "1e-2", "--output-dir", str(adapter),
+                      log=tmp_path / "run")
     assert launch.returncode == 0, launch.tail()
     log = launch.log
     ranks = [json.loads((tmp_path / f"cli_rank{r}.json").read_text()) for r in (0, 1)]

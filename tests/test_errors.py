@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_llama
+from helpers import make_llama
 from peft import PeftModel, get_peft_model
 from torch import nn
 
@@ -17,7 +17,7 @@ from idlora_trl.layer import IDLoRALayer
     ({"r": 6, "rank_boost": 4}, r"r must be divisible by rank_boost=4"),
     ({"r": 8, "min_cluster_size": 4}, r"min_cluster_size=4.*at least r=8"),
     ({"router": "softmax"}, r"invalid router='softmax'.*'token', 'static'"),
-    ({"selection": "kmeans"}, r"invalid selection='kmeans'.*'pmrc'"),
+    ({"selection": "pmrc_q"}, r"invalid selection='pmrc_q'. Did you mean 'pmrc-qr'\?"),
     ({"distance": "manhattan"}, r"invalid distance='manhattan'"),
     ({"idlora_dropout": 1.0}, r"invalid idlora_dropout=1.0"),
     ({"bias": "all"}, r"invalid bias='all'.*bias='none'"),

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_gpt2, make_llama
+from helpers import base_weight_rows, dense_reference, make_gpt2, make_llama, set_nonzero_biases
 from peft import get_peft_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -11,30 +11,13 @@ from idlora_trl import IDLoRAConfig
 from idlora_trl.layer import IDLoRALayer
 
 
-def dense_reference(W, b, indices, B, T, router, f, scaling, h):
-    """ID-LoRA's Eq. 3/4 written out in float64 from W, the indices, B and T, with the skeleton rows
-    A_i = W[idx_i] multiplied explicitly (no gather from the layer output) and blockdiag(B, .., B) built."""
-    W, h, B, T = W.double(), h.double(), B.double(), T.double()
-    k, r = indices.shape
-    out = h @ W.T + (b.double() if b is not None else 0)
-    A = W[indices]                                   # [k, r, d_in]
-    x = torch.einsum("krd,nd->nkr", A, h)            # x_i = A_i h
-    alpha = x @ T.reshape(r) if router == "token" else T.reshape(k).expand(h.shape[0], k)
-    v = torch.einsum("nk,nkr->nr", alpha, x)         # v = sum_i alpha_i x_i
-    blockdiag = torch.block_diag(*[B] * f)           # [d_out, r]
-    return out + scaling * v @ blockdiag.T
-
-
-def base_weight_rows(layer):
-    base = layer.get_base_layer()
-    return (base.weight.T if isinstance(base, Conv1D) else base.weight).detach()
-
-
 @pytest.mark.parametrize("router", ["token", "static"])
 @pytest.mark.parametrize("rank_boost", [1, 2])
 @pytest.mark.parametrize("bias", [False, True])
 def test_forward_matches_dense_reference(router, rank_boost, bias):
     model = make_llama(bias=bias)
+    if bias:  # tiny Llama initialises biases to zero: without this the bias handling would go untested
+        set_nonzero_biases(model)
     config = IDLoRAConfig(r=8, num_clusters=3, rank_boost=rank_boost, router=router, idlora_alpha=12,
                           init_weights=False, target_modules=["q_proj", "down_proj"])
     peft_model = get_peft_model(model, config)
@@ -49,6 +32,7 @@ def test_forward_matches_dense_reference(router, rank_boost, bias):
             continue
         base = module.get_base_layer()
         h = h_all[:, : module.in_features]
+        assert (base.bias is not None) == bias
         expected = dense_reference(
             base_weight_rows(module), base.bias, module.idlora_indices["default"],
             module.idlora_B["default"].weight, module.idlora_T["default"].weight, router, rank_boost,
@@ -58,19 +42,21 @@ def test_forward_matches_dense_reference(router, rank_boost, bias):
         assert got.dtype == torch.float32
         torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
         # the update is really there (B != 0), so a broken update path could not pass
-        assert (got.double() - (h.double() @ base.weight.double().T)).abs().max() > 1e-3
+        bias_out = base.bias.double() if bias else 0
+        assert (got.double() - (h.double() @ base.weight.double().T + bias_out)).abs().max() > 1e-3
         checked += 1
     assert checked == 4
 
 
 def test_conv1d_forward_matches_dense_reference():
-    model = make_gpt2()
+    model = set_nonzero_biases(make_gpt2())  # GPT-2 initialises its Conv1D biases to zero
     peft_model = get_peft_model(model, IDLoRAConfig(r=8, num_clusters=4, init_weights=False,
                                                     target_modules=["c_attn", "c_fc"]))
     layers = [m for m in peft_model.modules() if isinstance(m, IDLoRALayer)]
     assert layers and all(isinstance(m.get_base_layer(), Conv1D) for m in layers)
     for module in layers:
         base = module.get_base_layer()
+        assert base.bias.abs().min() > 0
         h = torch.randn(3, module.in_features)
         expected = dense_reference(base.weight.T, base.bias, module.idlora_indices["default"],
                                    module.idlora_B["default"].weight, module.idlora_T["default"].weight,
@@ -212,7 +198,8 @@ def test_rms_router_matches_dense_reference_with_bias(rank_boost):
 @pytest.mark.parametrize("router_norm", ["rms", "none"])
 def test_large_activations_stay_finite_or_are_reported(router_norm):
     """Inputs of magnitude ~90, r=1, default initialisation, three SGD steps at lr 0.01: LoRA stays finite, and
-    so does ID-LoRA with the (default) rms router; the paper's quadratic router overflows, and says so."""
+    so does ID-LoRA with the rms router; the paper's quadratic router (the default, router_norm="none") overflows,
+    and says so, naming the default correctly."""
     from peft import LoraConfig
 
     def train(config):
@@ -231,5 +218,7 @@ def test_large_activations_stay_finite_or_are_reported(router_norm):
     if router_norm == "rms":
         assert torch.isfinite(train(config)).all()
     else:
-        with pytest.raises(FloatingPointError, match=r"module '0'.*router_norm='rms'"):
+        with pytest.raises(FloatingPointError, match=r"module '0'.*router_norm='rms'") as error:
             train(config)
+        message = str(error.value)
+        assert "the default 'none' is the paper's router" in message and "(the default" not in message

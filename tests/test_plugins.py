@@ -4,7 +4,7 @@ import logging as std_logging
 
 import pytest
 import torch
-from conftest import make_llama
+from helpers import make_llama
 from peft import get_peft_model
 from transformers.utils import logging
 
@@ -53,9 +53,22 @@ def test_third_party_strategy_is_used(largest_norm_plugin):
     assert torch.equal(get_indices(peft_model)["model.layers.0.mlp.up_proj"], expected)
 
 
-def test_unknown_strategy_is_refused_at_config_time():
-    with pytest.raises(ValueError, match=r"invalid selection='largest-norm'.*'pmrc', 'pmrc-qr', 'random', 'sequential'"):
-        IDLoRAConfig(selection="largest-norm")
+@pytest.mark.parametrize("typo,meant", [("pmcr", "pmrc"), ("PMRC", "pmrc"), ("pmrc_qr", "pmrc-qr"),
+                                        ("randm", "random")])
+def test_typo_of_a_builtin_strategy_is_refused_at_config_time(typo, meant):
+    with pytest.raises(ValueError, match=rf"invalid selection='{typo}'. Did you mean '{meant}'\?"):
+        IDLoRAConfig(selection=typo)
+
+
+def test_unknown_plugin_strategy_is_refused_before_any_clustering(largest_norm_plugin):
+    """A name that is not built in may come from a plugin: the config accepts it without starting the plugin
+    manager; injection checks it against the registered plugins before clustering anything."""
+    IDLoRAConfig(selection="largest-norm")  # registered: fine
+    config = IDLoRAConfig(r=8, num_clusters=2, selection="smallest-norm")
+    model = make_llama()
+    with pytest.raises(ValueError, match=r"invalid selection='smallest-norm'.*'largest-norm', 'pmrc', 'pmrc-qr', "
+                                         r"'random', 'sequential'.*no installed plugin"):
+        get_peft_model(model, config)
 
 
 def test_a_plugin_can_override_a_builtin_strategy():

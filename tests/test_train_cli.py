@@ -21,7 +21,7 @@ TINY = ["--r", "8", "--num-clusters", "2", "--batch-size", "4", "--logging-steps
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A 2-layer Llama with an in-memory BPE tokenizer and a ChatML template, saved like a real checkpoint."""
-    from conftest import make_chat_llama, make_tokenizer
+    from helpers import make_chat_llama, make_tokenizer
 
     path = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = make_tokenizer()

@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from conftest import make_chat_llama, make_tokenizer
+from helpers import make_chat_llama, make_tokenizer
 from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model
 from trl import DPOConfig, SFTConfig

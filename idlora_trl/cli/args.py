@@ -14,18 +14,13 @@ import os
 import sys
 from typing import Any
 
-from .common import UsageError, add_idlora_arguments
+from ..settings import DEFAULT_TARGETS, DPO_DEFAULTS, METHOD_FIELDS, SFT_DEFAULTS
+from .common import (UsageError, add_idlora_arguments, idlora_config, non_negative_float, non_negative_int,
+                     positive_float, positive_int, probability)
 
-
-# Not o_proj/down_proj by default: their outputs are residual-stream channels with massive outliers (SmolLM2's
-# down_proj skeleton outputs reach |x| ~ 2.5e4), and the ID-LoRA update is quadratic in the gathered outputs
-# (alpha_i = <T, x_i> times x_i), so adapting them made training diverge (loss 1.5 -> 20 at lr 3e-3).
-DEFAULT_TARGETS = "q_proj,k_proj,v_proj,gate_proj,up_proj"
-SFT_DEFAULTS = dict(r=32, learning_rate=2e-3, lr_scheduler="cosine", warmup_steps=3, max_steps=60, batch_size=8,
-                    max_length=128, logging_steps=5, eval_samples=32, output_dir="outputs/sft-idlora")
-DPO_DEFAULTS = dict(r=32, learning_rate=3e-3, lr_scheduler="cosine", warmup_steps=2, max_steps=20, batch_size=8,
-                    max_length=128, logging_steps=5, eval_samples=24, beta=0.1, sft_weight=1.0,
-                    output_dir="outputs/dpo-idlora")
+__all__ = ["DEFAULT_TARGETS", "DPO_DEFAULTS", "SFT_DEFAULTS", "add_model_and_idlora", "add_training",
+           "build_idlora_config", "finish", "non_negative_float", "non_negative_int", "positive_float",
+           "positive_int", "probability", "resolve"]
 
 
 # ------------------------------------------------------------------------------------------ arguments
@@ -50,46 +45,16 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 
-def _checked(convert, accept, name: str):
-    """An argparse `type` that converts, then rejects values outside a range; `name` appears in errors."""
-
-    def parse(text):
-        value = convert(text)
-        if not accept(value):
-            raise ValueError(text)
-        return value
-
-    parse.__name__ = name  # argparse names the type in its error message
-    return parse
-
-
-positive_int = _checked(int, lambda v: v >= 1, "positive integer")
-non_negative_int = _checked(int, lambda v: v >= 0, "non-negative integer")
-positive_float = _checked(float, lambda v: v > 0, "positive number")
-non_negative_float = _checked(float, lambda v: v >= 0, "non-negative number")
-probability = _checked(float, lambda v: 0.0 <= v < 1.0, "probability in [0, 1)")
-
-
 def add_model_and_idlora(parser: argparse.ArgumentParser, r: int) -> None:
     parser.add_argument("--config", default=None, metavar="FILE",
                         help="YAML or JSON file whose keys are these flags' names; flags override it")
     parser.add_argument("--model", default=None, metavar="PATH",
                         help="model directory (default: the embedded SmolLM2-135M-Instruct, converted once)")
-    add_idlora_arguments(parser, r=r)
-    for action in parser._actions:
-        if action.dest == "target_modules":
-            action.default = DEFAULT_TARGETS
-            action.help = "comma-separated module names, or all-linear (default %(default)s)"
-    group = next(g for g in parser._action_groups if g.title == "ID-LoRA")
-    group.add_argument("--idlora-alpha", type=positive_float, default=None,
-                       help="scaling numerator: s = alpha / r (default r, so s = 1)")
-    group.add_argument("--idlora-dropout", type=probability, default=0.0, help="dropout on v (default %(default)s)")
-    group.add_argument("--distance", default="euclidean", choices=["euclidean", "cosine"])
-    group.add_argument("--min-cluster-size", type=positive_int, default=None, help="default r")
-    group.add_argument("--cluster-seed", type=non_negative_int, default=0, help="seed of the clustering")
-    if parser.prog.split()[-1] != "decompose":
-        group.add_argument("--indices-path", default=None, metavar="FILE",
-                           help="index file from `idlora-trl decompose`: skip the clustering")
+    decompose = parser.prog.split()[-1] == "decompose"
+    names = [name for name in METHOD_FIELDS if not (decompose and name == "indices_path")]
+    add_idlora_arguments(parser, r=r, names=names, target_modules=DEFAULT_TARGETS)
+    if not decompose:
+        group = next(g for g in parser._action_groups if g.title == "ID-LoRA")
         group.add_argument("--no-index-cache", action="store_true", default=False,
                            help="with the embedded model, cluster again instead of reusing the indices cached by "
                                 "an earlier run with the same settings")
@@ -220,18 +185,6 @@ def _convert(action: argparse.Action, value: Any, where: str) -> Any:
 
 
 def build_idlora_config(opts: argparse.Namespace):
-    from ..config import IDLoRAConfig
-
-    if opts.indices_path is not None and not os.path.isfile(opts.indices_path):
+    if getattr(opts, "indices_path", None) is not None and not os.path.isfile(opts.indices_path):
         raise UsageError(f"index file {opts.indices_path!r} does not exist; write one with `idlora-trl decompose`")
-    targets = opts.target_modules if opts.target_modules == "all-linear" else [
-        t.strip() for t in opts.target_modules.split(",") if t.strip()]
-    try:
-        return IDLoRAConfig(r=opts.r, num_clusters=opts.num_clusters, rank_boost=opts.rank_boost, router=opts.router,
-                            router_norm=opts.router_norm, selection=opts.selection, target_modules=targets, idlora_alpha=opts.idlora_alpha,
-                            idlora_dropout=opts.idlora_dropout, distance=opts.distance,
-                            min_cluster_size=opts.min_cluster_size, seed=opts.cluster_seed,
-                            indices_path=opts.indices_path, task_type="CAUSAL_LM")
-    except ValueError as error:
-        raise UsageError(str(error)) from error
-
+    return idlora_config(opts)

@@ -14,45 +14,18 @@ import time
 
 import torch
 
+from ..counting import PRESETS, meta_model
 from .common import UsageError, add_idlora_arguments, idlora_config
-
-PRESETS = {  # shapes from the public configs; enough to count parameters on the meta device
-    "llama-3.2-3b": dict(model_type="llama", hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
-                         num_attention_heads=24, num_key_value_heads=8, vocab_size=128256,
-                         tie_word_embeddings=True),
-    "llama-3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                       tie_word_embeddings=False),
-    "mistral-7b": dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
-                       tie_word_embeddings=False),
-}
-
-
-def meta_model(source: str):
-    """A causal LM on the meta device from a preset name, a model directory or a config.json."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if source in PRESETS:
-        preset = dict(PRESETS[source])
-        config = AutoConfig.for_model(preset.pop("model_type"), **preset)
-    elif os.path.isdir(source) or os.path.isfile(source):
-        try:
-            config = AutoConfig.from_pretrained(source)
-        except (OSError, ValueError) as error:
-            raise UsageError(f"cannot read a model config from {source!r}: {error}") from error
-    else:
-        raise UsageError(f"{source!r} is neither a model directory, a config.json, nor one of {sorted(PRESETS)}")
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
-
 
 def cmd_count(args: argparse.Namespace) -> None:
     from peft import get_peft_model
 
     from ..counting import count_parameters, format_parameter_table
 
-    model = meta_model(args.model)
+    try:
+        model = meta_model(args.model)
+    except ValueError as error:
+        raise UsageError(str(error)) from error
     try:
         peft_model = get_peft_model(model, idlora_config(args))
     except ValueError as error:

@@ -3,8 +3,8 @@
 Every task is generated deterministically in code (no files, no downloads) and has three splits that share
 no item: `train`, `validation` (for choosing hyper-parameters) and `test` (at least 100 items per task). The
 validation and test splits are each built from their own held-out words (and, for sentiment, held-out
-templates), so a model can only score on them by generalising, and tuning on validation never sees a test word. Each row is TRL's conversational
-prompt-completion format plus two bookkeeping columns:
+templates), so a model can only score on them by generalising, and tuning on validation never sees a test word.
+Each row is TRL's conversational prompt-completion format plus two bookkeeping columns:
 
     {"prompt": [{"role": "user", "content": ...}], "completion": [{"role": "assistant", "content": ...}],
      "task": "sentiment", "answer": "POSITIVE"}

@@ -2,24 +2,28 @@
 
 Axolotl merges this model into its config schema (`IDLoRAPlugin.get_input_args`). It declares:
 
-- `idlora:`, a nested block with the ID-LoRA-only settings (`k` / `num_clusters`, `rank_boost`, `router`,
-  `selection`, `distance`, `min_cluster_size`, `seed`, `init_router_std`, `indices_path`);
+- `idlora:`, a nested block with the ID-LoRA-only settings: every `IDLoRAConfig` field of
+  `idlora_trl.settings.METHOD_FIELDS` that Axolotl has no key for (`num_clusters`, alias `k`, `rank_boost`,
+  `router`, `router_norm`, `selection`, `distance`, `min_cluster_size`, `seed`, `init_router_std`,
+  `indices_path`), derived from the config's fields (defaults, descriptions, choices);
 - `rl_adapter_ref_model`, a core Axolotl key that no Axolotl schema declares (up to 0.21), so that it is not
   silently dropped.
 
 The rank, scaling, dropout and target modules come from Axolotl's usual `lora_r`, `lora_alpha`, `lora_dropout`,
 `lora_target_modules` / `lora_target_linear`, and `lora_model_dir` reloads a saved adapter.
 
-Nothing here imports Axolotl: the module works with pydantic alone, and runs with another `adapter:` pass
-through unchanged.
+Nothing here imports Axolotl: the module works with pydantic and `idlora_trl` alone, and runs with another
+`adapter:` pass through unchanged.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Literal, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+
+from idlora_trl.settings import make_config, method_settings, setting
 
 LOG = logging.getLogger("axolotl.integrations.idlora")
 
@@ -44,38 +48,23 @@ LORA_ONLY_KEYS = {
 }
 
 
-class IDLoRABlock(BaseModel):
+# Settings that Axolotl already has a key for (at the top level of its config); every other ID-LoRA setting is a
+# key of the `idlora:` block, named as the `IDLoRAConfig` field (`idlora_trl.settings`), plus the alias `k`.
+TOP_LEVEL = {"r": "lora_r", "idlora_alpha": "lora_alpha", "idlora_dropout": "lora_dropout"}
+# PEFT's own fields, from Axolotl's usual keys (`target_modules` is resolved by the plugin: lora_target_linear).
+PEFT_KEYS = {"modules_to_save": "lora_modules_to_save", "exclude_modules": "lora_exclude_modules",
+             "layers_to_transform": "peft_layers_to_transform", "layers_pattern": "peft_layers_pattern",
+             "trainable_token_indices": "peft_trainable_token_indices"}
+BLOCK_SETTINGS = [item for item in method_settings() if item.name not in TOP_LEVEL]
+
+
+class _Block(BaseModel):
     """The nested `idlora:` block: the settings that only ID-LoRA has. Defaults are the paper's."""
 
     model_config = ConfigDict(extra="forbid")
 
     k: Optional[int] = Field(
-        default=None, ge=1,
-        json_schema_extra={"description": "Number of row clusters k (paper: 4). Alias: num_clusters."})
-    num_clusters: Optional[int] = Field(
-        default=None, ge=1, json_schema_extra={"description": "Same as k; give one of them."})
-    rank_boost: int = Field(
-        default=2, ge=1,
-        json_schema_extra={"description": "Rank-boost factor f (paper: 2). lora_r must be divisible by it."})
-    router: Literal["token", "static"] = Field(
-        default="token",
-        json_schema_extra={"description": "'token' (paper; cannot be merged) or 'static' (one weight per "
-                                          "cluster; can be merged with merge_method: legacy)."})
-    selection: str = Field(
-        default="pmrc",
-        json_schema_extra={"description": "Skeleton-row selection: 'pmrc' (paper), 'random', 'sequential', or "
-                                          "a strategy from an idlora_trl plugin."})
-    distance: Literal["euclidean", "cosine"] = Field(
-        default="euclidean", json_schema_extra={"description": "Clustering distance (paper: euclidean)."})
-    min_cluster_size: Optional[int] = Field(
-        default=None, ge=1,
-        json_schema_extra={"description": "Minimum rows per cluster (default: lora_r; must be >= lora_r)."})
-    seed: int = Field(default=0, json_schema_extra={"description": "Seed of the clustering."})
-    init_router_std: Optional[float] = Field(
-        default=None, gt=0, json_schema_extra={"description": "Std of the token router's initial T (default 1/r)."})
-    indices_path: Optional[str] = Field(
-        default=None,
-        json_schema_extra={"description": "Precomputed index file (`idlora-trl decompose`): skips clustering."})
+        default=None, json_schema_extra={"description": "Number of row clusters k (paper: 4). Alias: num_clusters."})
 
     @model_validator(mode="before")
     @classmethod
@@ -94,43 +83,32 @@ class IDLoRABlock(BaseModel):
         if k is not None and num_clusters is not None and k != num_clusters:
             raise ValueError(f"idlora: k={k!r} and num_clusters={num_clusters!r} disagree; give one of them.")
         value = k if k is not None else num_clusters
-        data["k"] = data["num_clusters"] = 4 if value is None else value
+        data["k"] = data["num_clusters"] = setting("num_clusters").default if value is None else value
         return data
 
 
-def idlora_config_kwargs(get: Callable[[str], Any], target_modules: Any = None) -> dict:
-    """`IDLoRAConfig` keyword arguments from an Axolotl config. `get(key)` reads a top-level key (a missing key
-    gives None); `target_modules` overrides `lora_target_modules` (the plugin resolves `lora_target_linear`)."""
+IDLoRABlock = create_model(
+    "IDLoRABlock", __base__=_Block, __module__=__name__,
+    **{item.name: (item.annotation, Field(default=item.default, json_schema_extra={"description": item.help}))
+       for item in BLOCK_SETTINGS},
+)
+
+
+def build_config(get: Callable[[str], Any], target_modules: Any = None, task_type: str = "CAUSAL_LM"):
+    """The `IDLoRAConfig` of an Axolotl config. `get(key)` reads a top-level key (a missing key gives None);
+    `target_modules` overrides `lora_target_modules` (the plugin resolves `lora_target_linear`)."""
     block = get("idlora")
     if block is None:
         block = IDLoRABlock()
     if isinstance(block, BaseModel):
         block = block.model_dump()
     block = IDLoRABlock.model_validate({key: value for key, value in dict(block).items() if value is not None})
-    block = block.model_dump()
+    values = {item.name: getattr(block, item.name) for item in BLOCK_SETTINGS}
+    values.update({name: get(key) for name, key in TOP_LEVEL.items()})
     if target_modules is None:
         target_modules = get("lora_target_modules") or "all-linear"
-    kwargs = {
-        "r": get("lora_r"),
-        "num_clusters": block["k"],
-        "rank_boost": block["rank_boost"],
-        "idlora_alpha": get("lora_alpha"),
-        "idlora_dropout": get("lora_dropout") or 0.0,
-        "router": block["router"],
-        "selection": block["selection"],
-        "distance": block["distance"],
-        "min_cluster_size": block.get("min_cluster_size"),
-        "seed": block["seed"],
-        "init_router_std": block.get("init_router_std"),
-        "indices_path": block.get("indices_path"),
-        "target_modules": target_modules,
-        "modules_to_save": get("lora_modules_to_save") or None,
-        "exclude_modules": get("lora_exclude_modules") or None,
-        "layers_to_transform": get("peft_layers_to_transform"),
-        "layers_pattern": get("peft_layers_pattern"),
-        "trainable_token_indices": get("peft_trainable_token_indices"),
-    }
-    return {key: value for key, value in kwargs.items() if value is not None}
+    peft = {name: get(key) or None for name, key in PEFT_KEYS.items()}
+    return make_config(values, target_modules=target_modules, task_type=task_type, **peft)
 
 
 def _problems(data: Mapping) -> list[str]:
@@ -147,7 +125,7 @@ def _problems(data: Mapping) -> list[str]:
     if data.get("gptq"):
         problems.append("gptq: GPTQ-quantized base models are not supported by ID-LoRA.")
     block = data.get("idlora") if isinstance(data.get("idlora"), Mapping) else {}
-    router = block.get("router") or "token"
+    router = block.get("router") or setting("router").default
     if data.get("merge_lora"):
         if router == "token":
             problems.append("merge_lora with idlora.router: token: the token router's update depends on each "
@@ -200,11 +178,13 @@ class IDLoRAArgs(BaseModel):
     def _check_idlora_config(self) -> "IDLoRAArgs":
         if getattr(self, "adapter", None) != ADAPTER:
             return self
-        import idlora_trl  # registers ID-LoRA with PEFT; its config checks the values
+        from idlora_trl.decomposition import SELECTIONS
+        from idlora_trl.plugins import check_selection
 
-        kwargs = idlora_config_kwargs(lambda key: getattr(self, key, None))
         try:
-            idlora_trl.IDLoRAConfig(task_type="CAUSAL_LM", **kwargs)
+            config = build_config(lambda key: getattr(self, key, None))
+            if config.selection not in SELECTIONS:  # a plugin's strategy: checked now, not when training starts
+                check_selection(config.selection)
         except (TypeError, ValueError) as error:
             raise ValueError(f"adapter: idlora: {error} (in an Axolotl config, r is lora_r, idlora_alpha is "
                              "lora_alpha, idlora_dropout is lora_dropout, num_clusters is idlora.k)") from error

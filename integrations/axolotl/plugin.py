@@ -32,12 +32,11 @@ from typing import Any, Optional
 from axolotl.integrations.base import AdapterCapabilities, BasePlugin
 from axolotl.utils.logging import get_logger
 
-from .args import ADAPTER, idlora_config_kwargs
+from idlora_trl.settings import METHOD_FIELDS
+
+from .args import ADAPTER, build_config
 
 LOG = get_logger("axolotl.integrations.idlora")  # under "axolotl": its handlers print it
-
-# Axolotl's "config only" runs: the trainer (TRL) wraps the model itself (axolotl.loaders.model._load_adapters).
-CONFIG_ONLY_RL = ("dpo", "ipo", "kto")
 
 
 def _is_rank_zero() -> bool:
@@ -69,10 +68,7 @@ def _target_modules(model: Any, cfg: Any) -> Any:
 
 def build_idlora_config(model: Any, cfg: Any):
     """The `IDLoRAConfig` for an Axolotl config (validated already by `IDLoRAArgs`)."""
-    import idlora_trl
-
-    kwargs = idlora_config_kwargs(cfg.get, target_modules=_target_modules(model, cfg))
-    return idlora_trl.IDLoRAConfig(task_type=_task_type(model), **kwargs)
+    return build_config(cfg.get, target_modules=_target_modules(model, cfg), task_type=_task_type(model))
 
 
 def _saved_config(model: Any, cfg: Any, inference: bool):
@@ -90,7 +86,9 @@ def _saved_config(model: Any, cfg: Any, inference: bool):
         wanted = build_idlora_config(model, cfg)
     except ValueError:
         return saved
-    keys = ("r", "num_clusters", "rank_boost", "router", "selection", "distance", "min_cluster_size", "seed")
+    # the settings that shape the saved adapter (scaling, dropout, router init and the index file's path do not)
+    keys = [key for key in METHOD_FIELDS if key not in ("idlora_alpha", "idlora_dropout", "init_router_std",
+                                                        "indices_path")]
     differ = {key: (getattr(saved, key), getattr(wanted, key)) for key in keys
               if getattr(saved, key) != getattr(wanted, key)}
     if differ:
@@ -159,7 +157,7 @@ def load_saved_weights(model, directory: str, adapter_name: str = "default") -> 
     from peft import PeftModel
     from peft.utils import load_peft_weights, set_peft_model_state_dict
 
-    from idlora_trl.skeleton import idlora_layers
+    from idlora_trl.layer import idlora_layers
 
     if not isinstance(model, PeftModel):
         raise RuntimeError(f"ID-LoRA: cannot load {directory!r}: the trainer's model is a {type(model).__name__}, "

@@ -32,8 +32,8 @@ ALPACA = ("Below is an instruction that describes a task. Write a response that 
 
 
 def make_tokenizer():
-    """conftest's byte-level BPE and ChatML template, trained on the alpaca prompt too (so a row stays short)."""
-    from conftest import CHAT_TEMPLATE, CORPUS
+    """helpers' byte-level BPE and ChatML template, trained on the alpaca prompt too (so a row stays short)."""
+    from helpers import CHAT_TEMPLATE, CORPUS
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -52,7 +52,7 @@ def make_tokenizer():
 
 def write_tiny_model(directory: Path) -> Path:
     """A 2-layer Llama (hidden 64) and a 400-token BPE tokenizer, saved with `save_pretrained`."""
-    from conftest import make_chat_llama
+    from helpers import make_chat_llama
 
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = make_tokenizer()

@@ -18,7 +18,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: conftest's tiny tokenizer, launch.py
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: helpers' tiny tokenizer, launch.py
 
 from idlora_trl.hookspecs import hookimpl  # noqa: E402
 from launch import indices_hash  # noqa: E402,F401  (re-exported for the rank scripts)

@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node 2 tests/distributed/indices.py OUT [--fail-rank R]
 
-1. Plain `torch.distributed` (gloo), no DeepSpeed: conftest's `make_llama(seed=0)` on every rank, then
+1. Plain `torch.distributed` (gloo), no DeepSpeed: helpers' `make_llama(seed=0)` on every rank, then
    `get_peft_model`. Writes OUT/ddp_rank{R}.pt: the indices and the modules this rank clustered itself.
 2. ZeRO-3: the same weights in a model partitioned by `zero.Init` (`HfDeepSpeedConfig` alive, `from_config`),
    then a plain `get_peft_model`; the DeepSpeed plugin comes from the entry point. Writes OUT/zero3_rank{R}.pt.
@@ -64,7 +64,7 @@ def main() -> None:
 
     import torch
     import torch.distributed as dist
-    from conftest import make_llama
+    from helpers import make_llama
     from peft import get_peft_model
 
     from idlora_trl import get_indices

@@ -34,7 +34,7 @@ def main() -> None:
     rank, world = init_deepspeed()
     import deepspeed
     import torch
-    from conftest import make_tokenizer
+    from helpers import make_tokenizer
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
     from transformers import AutoModelForCausalLM, TrainerCallback, set_seed
     from trl import DPOConfig, SFTConfig

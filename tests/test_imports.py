@@ -1,0 +1,103 @@
+"""The core's import graph: no cycle (imports inside functions included), `decomposition.py` at the bottom,
+integrations above the core and never imported by it; and an `IDLoRAConfig` never starts the plugin manager."""
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "idlora_trl"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the `idlora_trl` modules it imports anywhere in its body (top level, functions, try blocks)."""
+    files = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.split(".")
+                    base = base[: len(base) - (node.level - 1)]
+                    source = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    source = node.module or ""
+                # `from . import trainers` imports the submodule; `from .. import get_indices` the package
+                targets = [f"{source}.{alias.name}" if f"{source}.{alias.name}" in files else source
+                           for alias in node.names]
+            else:
+                continue
+            for target in targets:
+                if target == "idlora_trl" or target.startswith("idlora_trl."):
+                    edges.add(target)
+        graph[name] = edges - {name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]):
+    state, stack = {}, []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        stack.pop()
+        state[node] = "done"
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_the_parser_sees_imports_inside_functions():
+    graph = import_graph()
+    assert "idlora_trl.smollm2" in graph["idlora_trl.cli.basic"]  # imported inside cmd_demo only
+    assert "idlora_trl.trainers" in graph["idlora_trl"]  # the lazy trainer import
+
+
+def test_no_import_cycle_in_the_core():
+    graph = import_graph()
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_decomposition_is_the_bottom_and_integrations_stay_outside():
+    graph = import_graph()
+    assert graph["idlora_trl.decomposition"] == set()
+    assert graph["idlora_trl.hookspecs"] == set() and graph["idlora_trl.peft_type"] == set()
+    assert graph["idlora_trl.config"] == {"idlora_trl.decomposition", "idlora_trl.peft_type"}
+    for module, edges in graph.items():
+        assert not any(e.startswith("idlora_trl.integrations") for e in edges), module
+    # the layer knows nothing of plugins, clustering orchestration or registration
+    below_layer = {"idlora_trl.config", "idlora_trl.decomposition", "idlora_trl.precision", "idlora_trl.peft_type"}
+    assert graph["idlora_trl.layer"] <= below_layer
+
+
+def test_building_a_config_does_not_start_the_plugin_manager():
+    code = (
+        "import idlora_trl\n"
+        "from idlora_trl.plugins import get_plugin_manager\n"
+        "idlora_trl.IDLoRAConfig(r=8, num_clusters=2, selection='pmrc-qr')\n"
+        "idlora_trl.IDLoRAConfig(selection='some-plugin-strategy')\n"
+        "assert get_plugin_manager.cache_info().currsize == 0, 'the plugin manager was started'\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

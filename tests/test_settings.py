@@ -1,0 +1,97 @@
+"""One definition of each choice and of each setting: the CLI flags and the Axolotl `idlora:` block are derived
+from `IDLoRAConfig`'s fields (`idlora_trl.settings`), and every front end builds its config in one place."""
+
+import argparse
+import ast
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from idlora_trl import IDLoRAConfig
+from idlora_trl.cli import build_parser
+from idlora_trl.cli.common import dest
+from idlora_trl.config import DISTANCES, ROUTER_NORMS, ROUTERS
+from idlora_trl.decomposition import SELECTIONS
+from idlora_trl.settings import METHOD_FIELDS, make_config, method_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def subparser(name):
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return commands.choices[name]
+
+
+def actions(parser):
+    return {a.dest: a for a in parser._actions}
+
+
+def test_every_method_field_is_described_from_the_config():
+    fields = {f.name: f for f in dataclasses.fields(IDLoRAConfig)}
+    for item in method_settings():
+        field = fields[item.name]
+        assert item.default == (None if field.default is dataclasses.MISSING else field.default)
+        assert item.help == field.metadata["help"]
+    by_name = {item.name: item for item in method_settings()}
+    assert (by_name["router"].choices, by_name["router_norm"].choices, by_name["distance"].choices) == \
+        (ROUTERS, ROUTER_NORMS, DISTANCES)
+    assert all(name in by_name["selection"].help for name in SELECTIONS)
+
+
+@pytest.mark.parametrize("command", ["sft", "dpo", "decompose"])
+def test_training_flags_are_the_config_fields(command):
+    found = actions(subparser(command))
+    expected = [name for name in METHOD_FIELDS if not (command == "decompose" and name == "indices_path")]
+    for item in method_settings():
+        if item.name not in expected:
+            assert dest(item.name) not in found
+            continue
+        action = found[dest(item.name)]
+        default = action.default.value if hasattr(action.default, "value") else action.default
+        assert default == item.default or item.name == "r"
+        assert action.choices == item.choices
+
+
+def test_count_flags_are_a_subset_with_the_same_choices():
+    found = actions(subparser("count"))
+    assert found["router"].choices == ROUTERS and found["router_norm"].choices == ROUTER_NORMS
+    assert found["r"].default == 128 and found["num_clusters"].default == IDLoRAConfig().num_clusters
+
+
+def test_axolotl_block_is_derived_from_the_config_fields():
+    from idlora_trl.integrations.axolotl.args import TOP_LEVEL, IDLoRABlock, build_config
+
+    assert set(IDLoRABlock.model_fields) == (set(METHOD_FIELDS) - set(TOP_LEVEL)) | {"k"}
+    block = IDLoRABlock()
+    defaults = IDLoRAConfig()
+    for name in set(METHOD_FIELDS) - set(TOP_LEVEL) - {"min_cluster_size", "idlora_alpha"}:
+        assert getattr(block, name) == getattr(defaults, name), name
+    cfg = {"lora_r": 8, "lora_alpha": 4, "lora_dropout": 0.1, "lora_target_modules": ["q_proj"],
+           "idlora": {"k": 2, "router": "static", "router_norm": "rms", "seed": 3}}
+    config = build_config(cfg.get)
+    assert (config.r, config.idlora_alpha, config.idlora_dropout, config.num_clusters, config.router,
+            config.router_norm, config.seed, config.target_modules) == (8, 4, 0.1, 2, "static", "rms", 3, {"q_proj"})
+
+
+def test_make_config_refuses_unknown_settings():
+    assert make_config({"r": 8, "num_clusters": None}).num_clusters == IDLoRAConfig().num_clusters
+    with pytest.raises(ValueError, match=r"unknown ID-LoRA setting\(s\) \['clusters'\]"):
+        make_config({"clusters": 2})
+
+
+def test_choices_are_spelt_once():
+    """The router, router-norm, distance and selection names appear as a tuple of strings only where they are
+    defined (front ends read them from there)."""
+    spelt = {("token", "static"): 0, ("none", "rms"): 0, ("euclidean", "cosine"): 0,
+             ("pmrc", "pmrc-qr", "random", "sequential"): 0}
+    files = list((ROOT / "idlora_trl").rglob("*.py")) + list((ROOT / "integrations").rglob("*.py"))
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Tuple, ast.List)):  # Literal["a", "b"] holds a Tuple too
+                elements = node.elts
+                values = tuple(e.value for e in elements if isinstance(e, ast.Constant))
+                if values in spelt and len(values) == len(elements):
+                    spelt[values] += 1
+    assert all(count == 1 for count in spelt.values()), spelt

@@ -189,7 +189,8 @@ def trained_updates(base, batch: dict, targets: list[str], adapters: dict[str, s
 def run(base, tokenizer, rows: list[dict], targets: list[str], p: int, lr: float, k: int = 4,
         adapters: dict[str, str] | None = None) -> dict:
     batch = _batch(tokenizer, rows)
-    return {"conditioning": conditioning(base, batch, targets, 4 * p, k), "router": router(base, batch, targets, 4 * p, k),
+    return {"conditioning": conditioning(base, batch, targets, 4 * p, k),
+            "router": router(base, batch, targets, 4 * p, k),
             "update": update_sizes(base, batch, targets, p, lr), "lr": lr, "rows": len(rows), "p": p, "k": k,
             "trained": trained_updates(base, batch, targets, adapters or {})}
 

@@ -27,14 +27,10 @@ import math
 import os
 import time
 
-from common import log, pyplot, save_plot, table
+from common import log
 from quality_run import METHODS, Bench, Spec, mean
 
-try:  # the main job's settings
-    from idlora_trl.cli.args import DEFAULT_TARGETS, SFT_DEFAULTS
-except ImportError:  # the CLI package mid-edit: the same values
-    DEFAULT_TARGETS = "q_proj,k_proj,v_proj,gate_proj,up_proj"
-    SFT_DEFAULTS = dict(lr_scheduler="cosine", warmup_steps=3, max_steps=60, batch_size=8, max_length=128)
+from idlora_trl.settings import DEFAULT_TARGETS, SFT_DEFAULTS  # the main job's settings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
@@ -64,7 +60,8 @@ def add_arguments(parser) -> None:
     g.add_argument("--work-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "idlora-trl", "quality"),
                    help="saved adapters and index files (not committed)")
     g.add_argument("--quality-minutes", type=float, default=None, help="start no new run after this many minutes")
-    g.add_argument("--exploration-dir", default=os.path.join(os.path.dirname(HERE), "docs", "benchmarks", "exploration"),
+    g.add_argument("--exploration-dir",
+                   default=os.path.join(os.path.dirname(HERE), "docs", "benchmarks", "exploration"),
                    help="single-seed runs at the main job's size, shown beside the protocol's (read, not run)")
     g.add_argument("--no-diagnosis", action="store_true",
                    help="skip diagnose.py (for a worker that runs some of the methods beside another)")
@@ -214,7 +211,8 @@ def run(args, partial=None) -> dict:
     names = _rejoin(names, wanted)
     for name in names if default is not None else []:
         settings = tuple(sorted(wanted[name].items()))
-        near = [lr for lr in grid + [default] if abs(math.log(lr / default) / math.log(factor)) <= args.ablation_span + 1e-9]
+        near = [lr for lr in grid + [default]
+                if abs(math.log(lr / default) / math.log(factor)) <= args.ablation_span + 1e-9]
         chosen, curve = _grid_search(bench, "ID-LoRA", settings, sorted(set(near)), args.ablation_grid_seeds, factor,
                                      args.max_extend, clock)
         entry = dict(settings=wanted[name], lr=chosen, curve={str(lr): [nll(r, "validation") for r in rs]

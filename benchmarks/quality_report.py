@@ -191,12 +191,14 @@ def _questions(data: dict) -> list[str]:
     lines += [_versus(data, run.get(name, []), idl, text) for name, text in asked]
     if k8:
         lines.append(_versus(data, run[k8], run.get(control, []) if control else idl,
-                             f"*Sensitivity to k*: {k8} minus " + (f"{control} (same rank)" if control else "the default")))
+                             f"*Sensitivity to k*: {k8} minus "
+                             + (f"{control} (same rank)" if control else "the default")))
     lines += [_versus(data, run.get(name, []), idl, f"*Ours*: {name} minus the default")
               for name in run if "(ours)" in name]
     return ["**The paper's claim and the reviewers' questions** (differences over test seeds, each method or variant "
             "at its own chosen rate, with a 95% interval: paired by seed where both sides share seeds, since a seed "
-            "fixes the training rows and their order for every method; Welch's otherwise)", "", *(f"- {line}" for line in lines), ""]
+            "fixes the training rows and their order for every method; Welch's otherwise)", "",
+            *(f"- {line}" for line in lines), ""]
 
 
 def _exploration(data: dict) -> list[str]:

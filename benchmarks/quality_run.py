@@ -174,7 +174,8 @@ class Bench:
         nll = answer_nll(model, self.tokenizer, self.test, batch_size=32)
         scores = evaluate_accuracy(model, self.tokenizer, self.test, batch_size=32)
         result = {"nll": {t: v[0] for t, v in nll.items()},
-                  "accuracy": {t: [s.correct, s.total] for t, s in scores.items()}, "eval_s": time.perf_counter() - start}
+                  "accuracy": {t: [s.correct, s.total] for t, s in scores.items()},
+                  "eval_s": time.perf_counter() - start}
         self.log(f"quality: {spec.label} lr {spec.lr:g} seed {spec.seed}: test accuracy "
                  f"{mean(c / t for c, t in result['accuracy'].values()):.3f}, NLL {mean(result['nll'].values()):.4f}")
         del model

@@ -64,7 +64,7 @@ def add_training(parser: argparse.ArgumentParser, defaults: dict) -> None:
     group = parser.add_argument_group("training")
     group.add_argument("--max-steps", type=positive_int, default=defaults["max_steps"], help="optimizer steps")
     group.add_argument("--learning-rate", type=positive_float, default=defaults["learning_rate"],
-                       help="peak learning rate (ID-LoRA's B starts at 0: higher than LoRA's)")
+                       help="peak learning rate (measured: ID-LoRA's best is 4-8x below LoRA's, docs/BENCHMARKS.md)")
     group.add_argument("--batch-size", type=positive_int, default=defaults["batch_size"], help="rows per step")
     group.add_argument("--gradient-accumulation-steps", type=positive_int, default=1, help="micro-batches per step")
     group.add_argument("--lr-scheduler", default=defaults.get("lr_scheduler", "constant"),

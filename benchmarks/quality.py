@@ -2,8 +2,10 @@
 
 SmolLM2-135M-Instruct (fp32) is fine-tuned with TRL on the built-in multi-task set (`sft_dataset("train")`),
 at the main job's targets, schedule and length (`idlora-trl sft`'s defaults), with half its steps and half its
-batch (30 steps of 4 rows): about 100 runs must fit ~3 hours on 2 cores, and one run of the main job's size takes
-~4 min. Two workers with `--threads 1` (a `--methods` subset each) share 2 cores best; see docs/BENCHMARKS.md:
+batch (30 steps of 4 rows): one run of the main job's size takes ~4 min on 2 cores, one of these ~2 min (plus ~1.5
+min to score the test split). Measured cost: the main comparison ~2.7 h of single-worker time, the ablations ~3.5 h;
+two workers with `--threads 1` (a `--methods` or `--ablations` subset each, same `--quality-dir`) do ~1.4x the
+work of one on 2 cores, so the whole protocol takes ~4.5 h there, in sittings:
 
 1. **Learning-rate grid, on validation only.** Every method (PEFT LoRA and DoRA at rank p, PEFT VeRA, ID-LoRA
    at rank 4p) trains at each rate of one log-spaced grid with `--grid-seeds` seeds; its rate is the one with the
@@ -53,7 +55,8 @@ def add_arguments(parser) -> None:
     g.add_argument("--methods", default=",".join(METHODS), help="methods of the main comparison")
     g.add_argument("--ablations", default="all", help="'all', 'none' or comma-separated ablation labels")
     g.add_argument("--ablation-span", type=int, default=1, help="grid steps either side of the default's rate")
-    g.add_argument("--ablation-grid-seeds", type=int, default=1, help="seeds per grid point of an ablation")
+    g.add_argument("--ablation-grid-seeds", type=int, default=2,
+                   help="seeds per grid point of an ablation (one seed picked rates that diverge on another)")
     g.add_argument("--ablation-seeds", type=int, default=3, help="test seeds per ablation")
     g.add_argument("--quality-dir", default=os.path.join(os.path.dirname(HERE), "docs", "benchmarks", "quality-runs"),
                    help="one JSON per run (resumed from)")

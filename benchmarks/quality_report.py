@@ -67,6 +67,9 @@ def _plot(data: dict, plot_dir) -> str | None:
             ys = [mean(entry["curve"][lr]) for lr in lrs]
             ax.plot([float(lr) for lr in lrs], ys, marker="o", label=method)
     ax.set_xscale("log")
+    ax.set_xticks(sorted({float(lr) for e in data["main"].values() for lr in e["curve"]}))
+    ax.set_xticklabels([f"{t:g}" for t in ax.get_xticks()], fontsize=7)
+    ax.minorticks_off()
     ax.set_xlabel("learning rate")
     ax.set_ylabel("validation answer NLL (nats/token)")
     ax.set_title("Learning-rate grid (mean over seeds; lower is better)", fontsize=9)

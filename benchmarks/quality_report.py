@@ -162,7 +162,8 @@ def _ablations(data: dict, tasks: list[str]) -> list[str]:
                      verdict(runs, default, acc) if runs else "-", verdict(runs, default, nll, False) if runs else "-",
                      len(runs)])
     return [f"**ID-LoRA ablations** (one setting changed each, each at its own best rate from the grid around the "
-            f"default's; {data['ablation_seeds']} test seeds; Δ = variant minus default with its 95% interval)",
+            f"default's, {data.get('ablation_grid_seeds', 1)} seed(s) per grid point; {data['ablation_seeds']} test "
+            "seeds; Δ = variant minus default with its 95% interval)",
             "", table(["variant", "lr", *tasks, "mean accuracy", "answer NLL", "Δ accuracy", "Δ NLL", "seeds"], rows,
                       "ll" + "r" * (len(tasks) + 2) + "llr"), ""]
 

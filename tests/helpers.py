@@ -5,6 +5,7 @@ scripts do the same). `conftest.py` only holds fixtures.
 """
 
 import os
+from typing import Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -46,15 +47,15 @@ CORPUS = [f"what is {a} plus {b}? it is {a + b}." for a in range(12) for b in ra
 ]
 
 
-def make_tokenizer():
-    """A byte-level BPE tokenizer trained in memory on a tiny corpus, with a ChatML template."""
+def make_tokenizer(corpus: Optional[list[str]] = None):
+    """A byte-level BPE tokenizer trained in memory on a tiny corpus (`CORPUS` by default), with a ChatML template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tk = Tokenizer(models.BPE(unk_token="<|unk|>"))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator(CORPUS, trainer=trainers.BpeTrainer(
+    tk.train_from_iterator(CORPUS if corpus is None else corpus, trainer=trainers.BpeTrainer(
         vocab_size=400, special_tokens=["<|pad|>", "<|im_start|>", "<|im_end|>", "<|unk|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<|pad|>", eos_token="<|im_end|>",

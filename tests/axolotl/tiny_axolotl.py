@@ -33,21 +33,10 @@ ALPACA = ("Below is an instruction that describes a task. Write a response that 
 
 def make_tokenizer():
     """helpers' byte-level BPE and ChatML template, trained on the alpaca prompt too (so a row stays short)."""
-    from helpers import CHAT_TEMPLATE, CORPUS
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from helpers import CORPUS
+    from helpers import make_tokenizer as chat_tokenizer
 
-    corpus = CORPUS + [ALPACA.format(**row) for row in sft_rows()] * 4
-    tk = Tokenizer(models.BPE(unk_token="<|unk|>"))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tk.train_from_iterator(corpus, trainer=trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|pad|>", "<|im_start|>", "<|im_end|>", "<|unk|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<|pad|>", eos_token="<|im_end|>",
-                                  bos_token="<|im_start|>", unk_token="<|unk|>")
-    tok.chat_template = CHAT_TEMPLATE
-    return tok
+    return chat_tokenizer(CORPUS + [ALPACA.format(**row) for row in sft_rows()] * 4)
 
 
 def write_tiny_model(directory: Path) -> Path:

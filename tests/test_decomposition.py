@@ -316,6 +316,7 @@ def test_select_rows_rejects_bad_input(weight, kwargs, match):
         select_rows(weight, **kwargs)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_input_gives_valid_cpu_indices():
     w = blobs([50, 30, 60, 40], 8, 6.0, seed=1)

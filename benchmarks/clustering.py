@@ -208,21 +208,15 @@ def _whole_model(args) -> dict:
 
 
 def _gpu(args) -> dict:
+    """One random matrix of each distinct Llama-3-8B shape on the GPU, clustered by the product's per-module call
+    (`gpu_check.time_llama_shapes`, also what `run.py --gpu-check` times); the whole model is estimated."""
     if not torch.cuda.is_available():
         return {"available": False}
-    from idlora_trl.decomposition import select_rows
+    from gpu_check import time_llama_shapes
 
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    rows, total = [], 0.0
-    for label, ((d_out, d_in), per_layer) in LLAMA3_8B_SHAPES.items():
-        if args.smoke:
-            d_out, d_in = d_out // 4, d_in // 4
-        w = torch.randn(d_out, d_in, device="cuda", generator=gen)
-        times = interleaved({"ours": lambda w=w: select_rows(w, num_clusters=args.k, r=args.r, seed=args.seed)},
-                            repeats=args.cluster_repeats, warmup=1)["ours"]
-        rows.append({"modules": label, "shape": [d_out, d_in], "per_layer": per_layer, "seconds": times})
-        total += per_layer * median(times)
+    rows = time_llama_shapes("cuda", args.k, args.r, args.seed, args.cluster_repeats, divisor=4 if args.smoke else 1)
     layers = 32
+    total = sum(row["per_layer"] * median(row["seconds"]) for row in rows)
     return {"available": True, "device": torch.cuda.get_device_name(0), "rows": rows, "layers": layers,
             "estimated_total_s": total * layers}
 

@@ -7,6 +7,7 @@ Run by hand (the full suite takes about an hour on 2 cores; see docs/BENCHMARKS.
     python benchmarks/run.py --only training --from-json       # ...or taken from their earlier JSON
     python benchmarks/run.py --from-json                       # rebuild the doc from docs/benchmarks/*.json
     python benchmarks/run.py --smoke --out /tmp/bench/B.md     # every section at toy sizes, seconds (CI)
+    python benchmarks/run.py --gpu-check --out D/gpu_check.md  # GPU: CUDA tests, clustering, bf16 ratios (<8 min)
 
 Sections: params (trainable parameters, meta device), clustering (ours against k-means-constrained), training
 (step/forward time and memory against PEFT LoRA and DoRA), quality (held-out accuracy, seeds, ablations).
@@ -36,6 +37,7 @@ def _early_threads(argv: list[str]) -> str:
 
 def parser() -> argparse.ArgumentParser:
     import clustering
+    import gpu_check
     import params
     import quality
     import training
@@ -52,7 +54,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (and OMP/BLAS threads)")
     ap.add_argument("--seed", type=int, default=0, help="clustering seed")
     ap.add_argument("--no-plots", action="store_true", help="write no PNG plots")
-    for module in (params, clustering, training, quality):
+    for module in (params, clustering, training, quality, gpu_check):
         module.add_arguments(ap)
     return ap
 
@@ -146,10 +148,15 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[var] = threads
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import common
+    import gpu_check
 
+    if gpu_check.skipped_without_cuda(argv):
+        return 0
     common.quiet()
     args = parser().parse_args(argv)
     common.set_threads(args.threads)
+    if args.gpu_check:  # its own run and output (benchmarks/gpu_check.py): the doc is left alone
+        return gpu_check.main(args, common)
     if args.out is None:
         args.out = (os.path.join(os.environ.get("TMPDIR", "/tmp"), "idlora-bench-smoke", "BENCHMARKS.md")
                     if args.smoke else os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 RUN = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
 SECTIONS = ("params", "clustering", "training", "quality")
 
@@ -90,3 +92,68 @@ def test_smoke_run_writes_every_section(tmp_path):
 
 def _without_images(text: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", "\n".join(line for line in text.splitlines() if not line.startswith("![")))
+
+
+# ------------------------------------------------------------------------------------------- --gpu-check
+def test_gpu_check_skips_cleanly_without_cuda(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the check would run (see the --device cpu test)")
+    result = _run("--gpu-check", "--threads", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == ("gpu-check: no CUDA device; nothing to check (the CPU-side parts run in the "
+                                     "smoke tier)")
+
+
+def test_gpu_check_runs_its_cpu_side_at_smoke_sizes(tmp_path):
+    """`--gpu-check --device cpu`: every part of the GPU check (the `cuda` tests, skipping here; Llama-3-8B shapes
+    / 64 with the whole-model count; the bf16 ratios on a tiny Llama) and its one table, exit 0."""
+    out = tmp_path / "check.md"
+    result = _run("--gpu-check", "--device", "cpu", "--threads", "1", "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    text = out.read_text()
+    assert text in result.stdout and "| check | value | target | met? |" in text
+    data = json.loads((tmp_path / "check.json").read_text())
+    assert data["smoke"] is True and data["errors"] == {} and data["exit_status"] == 0
+    tests = data["tests"]
+    assert tests["passed"] == tests["failed"] == tests["errors"] == 0 and tests["skipped"] >= 6, tests
+    assert re.search(r"\| `pytest -m cuda` \| 0 passed, 0 failed, 0 errors, \d+ skipped \|", text)
+    clustering = data["clustering"]
+    assert [row["shape"] for row in clustering["rows"]] == [[64, 64], [16, 64], [224, 64], [64, 224]]
+    assert clustering["whole"]["matrices"] == clustering["whole"]["of"] == 14  # 7 matrices x 2 layers
+    assert re.search(r"\| clustering, all 14 matrices, timed one by one \| [\d.]+ s \| < 60 s \| (yes|\*\*no\*\*) \|",
+                     text), text
+    for tname in ("q,k,v,gate,up", "all-linear"):
+        for what in ("step", "no-grad forward", "saved activations \\+ state"):
+            assert re.search(rf"\| ID-LoRA / LoRA, {what}, {re.escape(tname)}, bf16 \| [\d.]+x \(ID-LoRA / DoRA "
+                             r"[\d.]+x\) \| <= 1\.\d\dx \|", text), (what, tname, text)
+    assert re.search(r"\| total time \| \d+ s \(tests \d+ s, clustering \d+ s, training \d+ s\) \| < 480 s \|", text)
+
+
+def test_gpu_check_table_and_exit_status(monkeypatch):
+    """Rows for what a GPU run can meet: failed tests, a whole-model count cut by the budget or not run, a crashed
+    part. Exit status 1 for failed tests or a crash; 0 with every test passed, whatever the targets."""
+    monkeypatch.syspath_prepend(str(RUN.parent))
+    import gpu_check
+
+    shapes = [{"modules": "q", "shape": [8, 8], "per_layer": 2, "seconds": [0.5, 0.4]}]
+    clustering = {"k": 4, "r": 64, "layers": 32, "rows": shapes, "estimated_total_s": 28.8,
+                  "whole": {"matrices": 10, "of": 64, "seconds": 5.0}}
+    data = {"tests": {"passed": 7, "failed": 1, "errors": 0, "skipped": 0}, "clustering": clustering,
+            "errors": {"training": "RuntimeError: CUDA out of memory"}, "part_s": {"tests": 20.0}, "total_s": 500.0}
+    rows = {row[0]: row[1:] for row in gpu_check.build_rows(data)}
+    assert rows["`pytest -m cuda`"] == ["7 passed, 1 failed, 0 errors, 0 skipped", "all pass, none skipped", "**no**"]
+    assert rows["clustering, all 64 matrices, extrapolated (32 layers x per-layer sum)"] == ["28.8 s", "< 60 s", "-"]
+    assert rows["clustering, all 64 matrices, timed one by one"][0] == "partial: 10 of 64 in 5.0 s (budget)"
+    assert rows["part training"] == ["crashed: `RuntimeError: CUDA out of memory`", "runs", "**no**"]
+    assert rows["total time"] == ["500 s (tests 20 s)", "< 480 s", "**no**"]
+    assert gpu_check.exit_status(data, smoke=False) == 1
+    clustering["whole"] = {"skipped": "estimated 90 s, over what the budget leaves"}
+    data.update(tests={"passed": 7, "failed": 0, "errors": 0, "skipped": 0}, errors={})
+    rows = {row[0]: row[1:] for row in gpu_check.build_rows(data)}
+    assert rows["clustering, all 64 matrices, extrapolated (32 layers x per-layer sum)"][2] == "yes"
+    assert rows["clustering, all 64 matrices, timed one by one"][0].startswith("not run: estimated 90 s")
+    assert gpu_check.exit_status(data, smoke=False) == 0
+    data["tests"]["passed"] = 0  # nothing ran on a GPU: an error, but not in a smoke run (they skip on the CPU)
+    assert gpu_check.exit_status(data, smoke=False) == 1 and gpu_check.exit_status(data, smoke=True) == 0

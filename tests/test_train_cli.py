@@ -108,6 +108,21 @@ def test_dpo_prints_rewards_and_refusal_rates(tiny_model_dir, tmp_path, capsys):
     assert (out_dir / "run.png").is_file() and f"picture of the run: {out_dir / 'run.png'}" in out
 
 
+def test_a_cpu_run_shows_no_warning_of_ours(tiny_model_dir, tmp_path):
+    """The console script on a CPU, as a newcomer runs it: no DeepSpeed line (it is not used), no FutureWarning
+    about gradient_checkpointing (an option we set), no warning at all."""
+    script = Path(sys.executable).with_name("idlora-trl")
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "idlora_trl.cli"]
+    env = {k: v for k, v in os.environ.items() if k not in ("DS_ACCELERATOR", "PYTHONWARNINGS")}
+    result = subprocess.run([*command, "sft", "--model_name_or_path", tiny_model_dir, *TINY, "--max_steps", "1",
+                             "--max_train_samples", "4", "--eval_samples", "1", "--output_dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = (result.stdout + result.stderr).replace(str(tmp_path), "OUT").splitlines()  # its name says "warning"
+    noise = [line for line in lines if "warn" in line.lower() or "Setting accelerator" in line or "deprecated" in line]
+    assert not noise, noise
+
+
 # ---------------------------------------------------------------------------------------- parsing
 def test_main_job_defaults_are_the_settings_in_trl_names():
     """No flag: SFT_DEFAULTS / DPO_DEFAULTS in TRL's dataclasses, fp32 without gradient checkpointing on a CPU, and

@@ -62,6 +62,22 @@ def run(command: str, argv: list[str]) -> None:
         getattr(basic, f"cmd_{command}")(argv)
 
 
+def quiet_deepspeed_on_cpu() -> None:
+    """accelerate imports DeepSpeed wherever it is installed (`extract_model_from_parallel`, called by TRL's trainers),
+    and DeepSpeed then warns "Setting accelerator to CPU" on a machine without GPUs, although no DeepSpeed is used.
+    Naming the CPU accelerator, which DeepSpeed's own detection would pick there, keeps it quiet."""
+    import importlib.util
+
+    import torch
+
+    others = ("intel_extension_for_pytorch", "torch_npu", "habana_frameworks", "torch_sdaa", "torch_mlu")
+    if ("DS_ACCELERATOR" in os.environ or torch.cuda.is_available() or torch.backends.mps.is_available()
+            or (hasattr(torch, "xpu") and torch.xpu.is_available())
+            or any(importlib.util.find_spec(name) for name in others)):
+        return
+    os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")  # PEFT vs transformers
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -70,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] not in COMMANDS:
         _top_parser().parse_args(argv[:1] or ["--help"])  # help, or a one-line error for an unknown command
     command = argv[0]
+    quiet_deepspeed_on_cpu()
     try:
         run(command, argv[1:])
     except UsageError as error:

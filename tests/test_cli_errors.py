@@ -71,7 +71,7 @@ def test_bad_options(argv, message, capsys):
     ("max_steps: abc\n", "argument --max_steps/--max-steps: invalid int value: 'abc'"),
     ("learning_rate: -1\n", "--learning_rate must be a positive number"),
     ("idlora_router: softmax\n", "--idlora_router: IDLoRAConfig: invalid router='softmax'. Choose one of"),
-    ("- max_steps\n", "must contain a YAML mapping"),
+    ("- max_steps\n", "must hold a mapping of option names to values"),
     ("max_steps: [1, 2\n", "cannot read the --config file"),
 ])
 def test_bad_config_files(tmp_path, capsys, content, message):

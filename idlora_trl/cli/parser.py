@@ -265,12 +265,27 @@ def parse_with(parser, argv: list[str]) -> tuple:
         path = argv[at + 1]
         if not os.path.isfile(path):
             raise UsageError(f"config file {path!r} does not exist")
+        _check_config_file(path)
     try:
         return parser.parse_args_and_config(argv)
     except UsageError:
         raise
     except Exception as error:  # TrlParser's config-file errors: YAML syntax, not a mapping, unknown keys
         raise UsageError(_config_error(parser, error)) from None
+
+
+def _check_config_file(path: str) -> None:
+    """The --config file must be YAML holding a mapping (TrlParser's own checks differ between TRL releases)."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            values = yaml.safe_load(handle)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise UsageError(f"cannot read the --config file {path!r}: {' '.join(str(error).split())}") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"the --config file {path!r} must hold a mapping of option names to values (YAML `key: "
+                         f"value` lines), not a {type(values).__name__}")
 
 
 def _config_error(parser, error: Exception) -> str:

@@ -174,7 +174,7 @@ def _index_cache(run, peft_config) -> Optional[str]:
 
     Clustering the default target modules of SmolLM2 takes about 15 s on 2 cores; the indices depend only on the
     frozen weights and the decomposition settings, so later runs with the same settings reuse them (the
-    project's "cluster once" file, written for you). Never used for other models, with --indices-path, or in a
+    project's "cluster once" file, written for you). Never used for other models, with --idlora_indices_path, or in a
     distributed run (ranks that disagree on whether a cached file exists would not cluster alike)."""
     if (run.model.model_name_or_path is not None or peft_config.indices_path is not None or not run.job.index_cache
             or is_distributed()):

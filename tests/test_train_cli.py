@@ -138,7 +138,7 @@ def test_main_job_defaults_are_the_settings_in_trl_names():
         SFT_DEFAULTS["learning_rate"], SFT_DEFAULTS["max_steps"], SFT_DEFAULTS["batch_size"],
         SFT_DEFAULTS["lr_scheduler"], SFT_DEFAULTS["warmup_steps"], SFT_DEFAULTS["max_length"],
         SFT_DEFAULTS["logging_steps"], SFT_DEFAULTS["output_dir"])
-    assert (args.bf16, args.gradient_checkpointing, args.use_cpu) == (False, False, True)
+    assert (args.bf16, args.gradient_checkpointing, args.use_cpu, args.seed) == (False, False, True, 0)
     assert sft.idlora.idlora_r == SFT_DEFAULTS["r"] and sft.job.eval_samples == SFT_DEFAULTS["eval_samples"]
     assert sft.model.lora_target_modules == DEFAULT_TARGETS.split(",") and sft.model.model_name_or_path is None
     assert (dpo.training.beta, dpo.training.learning_rate, list(dpo.training.loss_type)) == (

@@ -54,6 +54,7 @@ def expect_usage_error(argv, message, capsys):
     (["dpo", "--load_in_4bit", "true"], "--load_in_4bit is a LoRA option"),
     (["sft", "--lora_task_type", "SEQ_CLS"], "--lora_task_type: idlora-trl trains causal language models"),
     (["sft", "--lora_target_modules", ","], "--lora_target_modules is empty"),
+    (["sft", "--report_to", "tensorboard"], "--report_to tensorboard needs TensorBoard: pip install tensorboard"),
     # data
     (["sft", "--tasks", "poetry"], "--tasks: unknown built-in task(s) ['poetry']"),
     (["sft", "--eval_strategy", "steps", "--eval_samples", "0"], "--eval_strategy needs held-out rows"),

@@ -33,7 +33,7 @@ def test_table_3_recipe_is_the_papers_setting(capsys):
     config = _peft_config(run)
     assert (config.r, config.num_clusters, config.rank_boost, set(config.target_modules)) == (128, 4, 2, ALL_SEVEN)
     assert run.model.model_name_or_path == "meta-llama/Llama-3.2-3B" and run.training.bf16
-    assert run.training.save_steps == 500 and run.training.report_to == ["tensorboard"]
+    assert run.training.save_steps == 500 and run.training.save_total_limit == 3
     table = format_parameter_table(count_parameters(get_peft_model(meta_model("llama-3.2-3b"), config),
                                                     lora_r=run.model.lora_r))
     assert "| ID-LoRA r=128 | 24,797,696 | 0.77% |" in table and "| LoRA r=32 | 48,627,712 | 1.49% |" in table

@@ -157,7 +157,7 @@ def test_trl_options_work_under_trls_names(tmp_path):
         assert not missing, (cls.__name__, missing)
     run = parse_training("sft", [
         "--num_train_epochs", "2", "--max_steps", "-1", "--save_strategy", "steps", "--save_steps", "7",
-        "--report_to", "tensorboard", "--gradient_checkpointing", "true", "--eval_strategy", "steps",
+        "--report_to", "none", "--gradient_checkpointing", "true", "--eval_strategy", "steps",
         "--eval_steps", "5", "--resume_from_checkpoint", "ckpt", "--dataset_name", "data.jsonl",
         "--dataset_train_split", "train", "--weight_decay", "0.01", "--seed", "7", "--lora_target_modules", "q_proj",
         "v_proj", "--output_dir", str(tmp_path)])
@@ -165,7 +165,7 @@ def test_trl_options_work_under_trls_names(tmp_path):
     assert (t.num_train_epochs, t.max_steps, t.save_steps, t.eval_steps, t.seed, t.weight_decay) == \
         (2, -1, 7, 5, 7, 0.01)
     assert t.save_strategy == "steps" and t.eval_strategy == "steps"
-    assert t.report_to == ["tensorboard"] and t.gradient_checkpointing is True
+    assert t.report_to == [] and t.gradient_checkpointing is True
     assert t.resume_from_checkpoint == "ckpt" and run.script.dataset_name == "data.jsonl"
     assert run.model.lora_target_modules == ["q_proj", "v_proj"]
 

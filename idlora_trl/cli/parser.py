@@ -10,6 +10,7 @@ TRL's where they differ. Bad input is a `UsageError`: one line that names the op
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -224,6 +225,10 @@ def _before_training_config(parser, namespace) -> None:
     for name, why in LORA_ONLY.items():
         if getattr(namespace, name, None) not in (None, False):
             raise UsageError(f"--{name} is a LoRA option: {why}")
+    reports = namespace.report_to if isinstance(namespace.report_to, list) else [namespace.report_to]
+    if "tensorboard" in reports and not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
+        raise UsageError("--report_to tensorboard needs TensorBoard: pip install tensorboard (then tensorboard "
+                         "--logdir OUTPUT_DIR/runs)")
     if getattr(namespace, "lora_task_type", "CAUSAL_LM") != "CAUSAL_LM":
         raise UsageError("--lora_task_type: idlora-trl trains causal language models (CAUSAL_LM) only")
     if uses_deepspeed(namespace):  # --deepspeed, or `accelerate launch` with a DeepSpeed config (its environment)

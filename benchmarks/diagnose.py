@@ -215,7 +215,8 @@ def render(data: dict) -> list[str]:
                   [[u["method"], u["module"], f"{u['median']:.5f}", f"{u['max']:.5f}"] for u in data["update"]],
                   "llrr"), ""]
     if data.get("trained"):
-        out += ["**Update size at the end of training** (each method's seed-0 adapter at its chosen rate): "
+        out += ["**Update size at the end of training** (the seed-0 adapter of each method, and of each ablation "
+                "that changes the router, at its own chosen rate): "
                 "rms(delta y) / rms(y) per module, median and largest over layers", "",
                 table(["method", "module", "median", "max"],
                       [[u["method"], u["module"], f"{u['median']:.4f}", f"{u['max']:.4f}"] for u in data["trained"]],

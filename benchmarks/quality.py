@@ -231,12 +231,17 @@ def run(args, partial=None) -> dict:
 
     if not args.no_diagnosis:  # minutes, whatever the clock says: it explains the runs that exist
         adapters = {}
-        for method, entry in data["main"].items():
-            folder = os.path.join(args.work_dir, Spec(method, entry["lr"], 0).key(bench.setup)) if entry["lr"] else None
+        candidates = [(method, method, entry) for method, entry in data["main"].items()] + [
+            (name, "ID-LoRA", entry) for name, entry in data["ablations"].items()
+            if {"router", "router_norm"} & set(entry["settings"])]  # the router sets the update's size
+        for label, method, entry in candidates:
+            settings = tuple(sorted(entry.get("settings", {}).items()))
+            key = Spec(method, entry["lr"], 0, settings).key(bench.setup) if entry["lr"] else None
+            folder = os.path.join(args.work_dir, key) if key else None
             if folder and os.path.isfile(os.path.join(folder, "adapter_config.json")):
-                adapters[f"{method} (lr {entry['lr']:g})"] = folder
+                adapters[f"{label} (lr {entry['lr']:g})"] = folder
             else:
-                log(f"quality: diagnosis: no saved adapter of {method} at its chosen rate on this machine; "
+                log(f"quality: diagnosis: no saved adapter of {label} at its chosen rate on this machine; "
                     "its end-of-training update size is left out")
         data["diagnosis"] = diagnose.run(bench.base, bench.tokenizer, sft_rows("train")[:16], bench.setup["targets"],
                                          args.quality_p, default or grid[len(grid) // 2], adapters=adapters)

@@ -66,6 +66,7 @@ def test_smoke_run_writes_every_section(tmp_path):
     assert "The learning-rate grid" in quality and "ID-LoRA against LoRA" in quality
     assert "Skeleton conditioning" in quality and "pmrc + pivoted QR" in quality and "Update size" in quality
     assert "Update size at the end of training" in quality and "| ID-LoRA (lr " in quality
+    assert "| router=static (lr " in quality  # ablations that change the router are diagnosed too
 
     targets = _section(doc, "Targets")
     assert "Clustering speed" in targets and "Training step" in targets and "Table 3" in targets

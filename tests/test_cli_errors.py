@@ -102,6 +102,20 @@ def test_missing_files(tmp_path, capsys):
         expect_usage_error(argv, message, capsys)
 
 
+def test_bad_dataset_mixtures(tmp_path, capsys):
+    """`datasets:` in a --config file (TRL's mixture): a missing file, wrong columns, and a --dataset_name beside it."""
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
+    cases = [(tmp_path / "missing.jsonl", [], "datasets (the --config file's mixture): cannot load it"),
+             (wrong, [], "datasets: 'datasets' has columns ['answer', 'question']; sft needs"),
+             (wrong, ["--dataset_name", str(wrong)], "--dataset_name or a `datasets:` mixture"),
+             (wrong, ["--dataset_train_split", "validation"], "not --dataset_train_split 'validation'")]
+    for i, (data, extra, message) in enumerate(cases):
+        config = tmp_path / f"mix{i}.yaml"
+        config.write_text(f"datasets:\n  - path: json\n    data_files: {data}\n")
+        expect_usage_error(["sft", "--config", str(config), *extra], message, capsys)
+
+
 def test_bad_model_paths(tmp_path, capsys):
     (tmp_path / "not-a-model").mkdir()
     (tmp_path / "file.bin").write_text("x")

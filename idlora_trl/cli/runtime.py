@@ -75,6 +75,29 @@ def user_dataset(source: str, kind: str, script, option: str = "--dataset_name",
         raise UsageError(f"{option}: {error}") from error
 
 
+def mixture_dataset(mixture, kind: str, script):
+    """TRL's dataset mixture (`datasets:` in a --config file), loaded by `trl.get_dataset` as `trl sft` loads it;
+    the training split is `--dataset_train_split`. Problems are `UsageError`s."""
+    from trl import get_dataset
+
+    from ..data import DataError, check_columns, no_progress_bars
+
+    try:
+        with no_progress_bars():
+            splits = get_dataset(mixture)
+    except Exception as error:  # datasets' own errors: a missing file, an unknown builder, mismatched columns
+        raise UsageError(f"datasets (the --config file's mixture): cannot load it: {first_line(error)}") from error
+    if script.dataset_train_split not in splits:
+        raise UsageError(f"datasets: the mixture has splits {sorted(splits)}, not --dataset_train_split "
+                         f"{script.dataset_train_split!r}")
+    train = splits[script.dataset_train_split]
+    try:
+        check_columns(train.column_names, kind, "datasets")
+    except DataError as error:
+        raise UsageError(f"datasets: {error}") from error
+    return train
+
+
 def training_columns(dataset, columns: tuple[str, ...]):
     """Keep only the columns TRL trains on (built-in bookkeeping columns such as `task` are dropped)."""
     return dataset.remove_columns([c for c in dataset.column_names if c not in columns])

@@ -15,13 +15,14 @@ continues from one without clustering again. Bad input is a one-line error with 
 from __future__ import annotations
 
 import time
+from typing import Optional
 
 from .common import UsageError, idlora_config
 from .parser import Run, uses_deepspeed
 from .report import write_picture
 from .runtime import (count_base_parameters, end_distributed, load_model, log_callback, loss_trend,
-                      resolve_checkpoint, save_adapter, say, seconds, setup_adapter, training_columns,
-                      use_our_printer, user_dataset)
+                      mixture_dataset, resolve_checkpoint, save_adapter, say, seconds, setup_adapter,
+                      training_columns, use_our_printer, user_dataset)
 
 
 def _peft_config(run: Run):
@@ -35,8 +36,18 @@ def _peft_config(run: Run):
     return config
 
 
+def _user_data(run: Run) -> Optional[str]:
+    """What the user gave for training data (--dataset_name or a `datasets:` mixture), None for the built-in data."""
+    if run.mixture.datasets:
+        return f"mixture of {len(run.mixture.datasets)} dataset(s) " + ", ".join(d.path for d in run.mixture.datasets)
+    return run.script.dataset_name
+
+
 def _user_rows(run: Run, kind: str):
-    train = user_dataset(run.script.dataset_name, kind, run.script)
+    if run.mixture.datasets:
+        train = mixture_dataset(run.mixture, kind, run.script)
+    else:
+        train = user_dataset(run.script.dataset_name, kind, run.script)
     if run.job.max_train_samples:
         train = train.select(range(min(run.job.max_train_samples, len(train))))
     return train
@@ -68,7 +79,7 @@ def cmd_sft(run: Run) -> None:
     start = time.perf_counter()
     peft_config = _peft_config(run)
     checkpoint = resolve_checkpoint(args)
-    if run.script.dataset_name is None:
+    if _user_data(run) is None:
         try:
             train = sft_dataset("train", job.tasks, job.max_train_samples, seed=args.seed)
             held_out = sft_dataset("test", job.tasks, per_task=job.eval_samples).to_list() if job.eval_samples else []
@@ -76,7 +87,7 @@ def cmd_sft(run: Run) -> None:
             raise UsageError(f"--tasks: {error}") from error
         data_label = f"built-in tasks {', '.join(sorted(set(train['task'])))}"
     else:
-        train, data_label, held_out = _user_rows(run, "sft"), run.script.dataset_name, []
+        train, data_label, held_out = _user_rows(run, "sft"), _user_data(run), []
     if job.eval_dataset is not None:
         held_out = _eval_rows(user_dataset(job.eval_dataset, "sft", run.script, "--eval_dataset"), job.eval_samples)
     _needs_eval_rows(run, held_out)
@@ -172,12 +183,12 @@ def cmd_dpo(run: Run) -> None:
     start = time.perf_counter()
     peft_config = _peft_config(run)
     checkpoint = resolve_checkpoint(args)
-    if run.script.dataset_name is None:
+    if _user_data(run) is None:
         train = dpo_dataset("train", job.max_train_samples, seed=args.seed)
         pairs = _per_kind(dpo_dataset("test"), job.eval_samples) if job.eval_samples else None
         data_label = "built-in safety set"
     else:
-        train, data_label = _user_rows(run, "dpo"), run.script.dataset_name
+        train, data_label = _user_rows(run, "dpo"), _user_data(run)
         pairs = user_dataset(job.eval_dataset, "dpo", run.script, "--eval_dataset") if job.eval_dataset else None
     prompts = refusal_prompts("test")
     prompts = {kind: rows[:job.eval_samples] for kind, rows in prompts.items()} if job.eval_samples else {}

@@ -168,8 +168,8 @@ def _make_parser(command: str):
         job = DPOJobArguments
 
     parser = parser_class(_before_training_config)(
-        (ScriptArguments, TrainingConfig, ModelConfig, DatasetMixtureConfig, IDLoRAArguments, job), prog=f"idlora-trl {command}",
-        allow_abbrev=False, description=DESCRIPTIONS[command])
+        (ScriptArguments, TrainingConfig, ModelConfig, DatasetMixtureConfig, IDLoRAArguments, job),
+        prog=f"idlora-trl {command}", allow_abbrev=False, description=DESCRIPTIONS[command])
     parser.set_defaults(**{k: v for k, v in main_job_defaults(command).items() if _has(parser, k)})
     for action in parser._actions:
         if action.dest in HELP and action.help is not None:

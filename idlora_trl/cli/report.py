@@ -69,7 +69,7 @@ def write_picture(run, logs: list[dict], metric: str, before: dict, after: dict)
         held_out.text(0.5, 0.5, "no held-out evaluation\n(--eval_samples 0, or --deepspeed)", ha="center",
                       va="center", transform=held_out.transAxes)
         held_out.set_xticks([])
-    held_out.set(title=f"Held-out {metric}, before and after", ylabel=metric)
+    held_out.set(title=f"{metric[:1].upper()}{metric[1:]}, before and after", ylabel=metric)  # "held-out accuracy"
 
     os.makedirs(run.training.output_dir, exist_ok=True)
     path = os.path.abspath(os.path.join(run.training.output_dir, FILE_NAME))

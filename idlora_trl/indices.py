@@ -2,6 +2,9 @@
 
 A safetensors file with one int64 tensor per module (named as in the base model, e.g.
 `model.layers.0.self_attn.q_proj`) and the decomposition settings in its metadata. Loading checks both.
+A saved ID-LoRA adapter, or a Trainer checkpoint of one, is read the same way: its `adapter_model.safetensors`
+holds the tables (`...q_proj.idlora_indices`) and its `adapter_config.json` the settings, so resuming from a
+checkpoint or starting from a saved adapter never clusters again.
 """
 
 from __future__ import annotations
@@ -23,8 +26,32 @@ def save_indices(path: str | os.PathLike, indices: dict[str, torch.Tensor], spec
     save_file(tensors, str(path), metadata={"format": FORMAT, "spec": json.dumps(spec, sort_keys=True)})
 
 
+ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+
+
+def read_adapter_indices(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tables and settings of a saved ID-LoRA adapter (or checkpoint) directory: `(module name -> [k, r], spec)`."""
+    weights, config_file = os.path.join(path, ADAPTER_WEIGHTS), os.path.join(path, ADAPTER_CONFIG)
+    if not (os.path.isfile(weights) and os.path.isfile(config_file)):
+        raise ValueError(f"{str(path)!r} is a directory without {ADAPTER_WEIGHTS} and {ADAPTER_CONFIG}: neither an "
+                         "index file nor a saved ID-LoRA adapter or checkpoint.")
+    with open(config_file, encoding="utf-8") as handle:
+        config = json.load(handle)
+    if config.get("peft_type") != "IDLORA":
+        raise ValueError(f"{str(path)!r} holds a {config.get('peft_type')} adapter, not an ID-LoRA one.")
+    suffix, prefix = ".idlora_indices", "base_model.model."
+    with safe_open(weights, framework="pt") as handle:
+        tables = {name[:-len(suffix)].removeprefix(prefix): handle.get_tensor(name)
+                  for name in handle.keys() if name.endswith(suffix)}
+    from .config import IDLoRAConfig
+
+    return tables, {key: config.get(key) for key in IDLoRAConfig().decomposition_spec()}
+
+
 def read_indices(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read an index file: `(module name -> [k, r] tensor, spec)`."""
+    """Read an index file, or the tables of a saved adapter or checkpoint directory: `(module name -> [k, r], spec)`."""
+    if os.path.isdir(path):
+        return read_adapter_indices(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"ID-LoRA index file {str(path)!r} does not exist. Write one with `idlora-trl decompose` or "

@@ -1,6 +1,8 @@
-"""ID-LoRA's settings, described once: read from `IDLoRAConfig`'s dataclass fields (default, help, choices) for the
-`idlora-trl` flags and the Axolotl plugin's `idlora:` block, and turned into an `IDLoRAConfig` in one place
-(`make_config`). Also the main job's defaults, public so that benchmarks and scripts share them.
+"""ID-LoRA's settings, described once: `IDLoRAArguments`, a dataclass derived from `IDLoRAConfig`'s fields (type,
+default, help, choices), is what `idlora-trl sft` / `dpo` parse with `trl.TrlParser` (as `--idlora_r`,
+`--idlora_num_clusters`, ...) and what the Axolotl plugin's `idlora:` block is built from (`method_settings`, read
+from the same dataclass); `make_config` turns settings into an `IDLoRAConfig` in one place. Also the main job's
+defaults, public so that benchmarks and scripts share them.
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ from typing import Any, Literal, Mapping, Optional, Union, get_args, get_origin,
 
 from .config import IDLoRAConfig
 
-__all__ = ["DEFAULT_TARGETS", "DPO_DEFAULTS", "METHOD_FIELDS", "SFT_DEFAULTS", "Setting", "make_config",
-           "method_settings", "setting"]
+__all__ = ["DEFAULT_TARGETS", "DPO_DEFAULTS", "IDLoRAArguments", "METHOD_FIELDS", "SFT_DEFAULTS", "Setting",
+           "flag_name", "make_config", "method_settings", "setting"]
 
 # The main job (`idlora-trl sft` / `dpo`). Not o_proj/down_proj by default: their outputs are residual-stream
 # channels with massive outliers (SmolLM2's down_proj skeleton outputs reach |x| ~ 2.5e4), and the ID-LoRA update
@@ -24,8 +26,10 @@ __all__ = ["DEFAULT_TARGETS", "DPO_DEFAULTS", "METHOD_FIELDS", "SFT_DEFAULTS", "
 DEFAULT_TARGETS = "q_proj,k_proj,v_proj,gate_proj,up_proj"
 SFT_DEFAULTS = dict(r=32, learning_rate=5e-4, lr_scheduler="cosine", warmup_steps=3, max_steps=60, batch_size=8,
                     max_length=128, logging_steps=5, eval_samples=32, output_dir="outputs/sft-idlora")
+# DPO's loss: DPO plus an NLL term on the chosen replies (TRL's loss_type ["sigmoid", "sft"], weights 1 and 1, as in
+# RPO); plain DPO lowers both replies' likelihood on this small model and garbles its generation.
 DPO_DEFAULTS = dict(r=32, learning_rate=3e-3, lr_scheduler="cosine", warmup_steps=2, max_steps=20, batch_size=8,
-                    max_length=128, logging_steps=5, eval_samples=24, beta=0.1, sft_weight=1.0,
+                    max_length=128, logging_steps=5, eval_samples=24, beta=0.1, loss_type=("sigmoid", "sft"),
                     output_dir="outputs/dpo-idlora")
 
 # The fields of IDLoRAConfig that are ID-LoRA's own; the others (target_modules, modules_to_save, ...) are PEFT's
@@ -34,11 +38,40 @@ METHOD_FIELDS = ("r", "num_clusters", "rank_boost", "idlora_alpha", "idlora_drop
                  "selection", "distance", "min_cluster_size", "seed", "init_router_std", "indices_path")
 
 
+def flag_name(name: str) -> str:
+    """The command-line name of the setting `name`: `idlora_` plus the field's name (`r` -> `idlora_r`), so that no
+    TRL option (`--seed`) and no launcher option (torchrun took a bare `--r` for its own `--rdzv_*`) is shadowed."""
+    return name if name.startswith("idlora_") else f"idlora_{name}"
+
+
+def _arguments_class() -> type:
+    hints = get_type_hints(IDLoRAConfig)
+    fields = {f.name: f for f in dataclasses.fields(IDLoRAConfig)}
+    specs = []
+    for name in METHOD_FIELDS:
+        field = fields[name]
+        default = None if field.default is dataclasses.MISSING else field.default
+        specs.append((flag_name(name), hints[name],
+                      dataclasses.field(default=default, metadata={"help": field.metadata.get("help", "")})))
+    return dataclasses.make_dataclass("IDLoRAArguments", specs, namespace={
+        "__doc__": "The ID-LoRA settings as `trl.TrlParser` arguments: one field per `IDLoRAConfig` field of "
+                   "`METHOD_FIELDS`, named `flag_name(field)`, with the config's type, default and help.",
+        "__module__": __name__,
+        "values": lambda self: {name: getattr(self, flag_name(name)) for name in METHOD_FIELDS},
+    })
+
+
+# (argparse receives a field's metadata as keyword arguments: it holds the help text only)
+IDLoRAArguments = _arguments_class()
+_SETTING_OF_FLAG = {flag_name(name): name for name in METHOD_FIELDS}
+
+
 @dataclass(frozen=True)
 class Setting:
     """One `IDLoRAConfig` field as a front end needs it."""
 
     name: str                               # the field
+    flag: str                               # its `IDLoRAArguments` field (the command line's `--idlora_...`)
     type: type                              # int, float or str (a choice is a str)
     default: Any                            # the field's default (None: derived, see the config's docs)
     help: str                               # the field's help text
@@ -47,23 +80,22 @@ class Setting:
     annotation: Any                         # the field's type, for schema builders (pydantic)
 
 
-def _describe(name: str, field: dataclasses.Field, annotation: Any) -> Setting:
+def _describe(field: dataclasses.Field, annotation: Any) -> Setting:
+    name = _SETTING_OF_FLAG[field.name]
     optional = get_origin(annotation) is Union and type(None) in get_args(annotation)
     inner = next(a for a in get_args(annotation) if a is not type(None)) if optional else annotation
     choices = get_args(inner) if get_origin(inner) is Literal else None
     kind = str if choices else inner
     if kind not in (int, float, str):
         raise TypeError(f"IDLoRAConfig.{name}: a {annotation!r} field cannot be a command-line or Axolotl setting")
-    default = None if field.default is dataclasses.MISSING else field.default
-    return Setting(name=name, type=kind, default=default, help=field.metadata.get("help", ""), choices=choices,
-                   optional=optional, annotation=annotation)
+    return Setting(name=name, flag=field.name, type=kind, default=field.default, help=field.metadata["help"],
+                   choices=choices, optional=optional, annotation=annotation)
 
 
 def method_settings() -> list[Setting]:
-    """Every ID-LoRA setting, in `METHOD_FIELDS` order."""
-    hints = get_type_hints(IDLoRAConfig)
-    fields = {f.name: f for f in dataclasses.fields(IDLoRAConfig)}
-    return [_describe(name, fields[name], hints[name]) for name in METHOD_FIELDS]
+    """Every ID-LoRA setting, in `METHOD_FIELDS` order, read from `IDLoRAArguments` (so from the config)."""
+    hints = get_type_hints(IDLoRAArguments)
+    return [_describe(field, hints[field.name]) for field in dataclasses.fields(IDLoRAArguments)]
 
 
 def setting(name: str) -> Setting:

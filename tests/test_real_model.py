@@ -26,9 +26,9 @@ def _real_model():
 
 
 def test_sft_raises_held_out_arithmetic_accuracy(tmp_path, capsys):
-    main(["sft", "--tasks", "arithmetic", "--max-steps", "16", "--batch-size", "8", "--learning-rate", "2e-3",
-          "--lr-scheduler", "constant_with_warmup", "--warmup-steps", "2", "--logging-steps", "4",
-          "--eval-samples", "32", "--output-dir", str(tmp_path / "adapter")])
+    main(["sft", "--tasks", "arithmetic", "--max_steps", "16", "--per_device_train_batch_size", "8",
+          "--learning_rate", "2e-3", "--lr_scheduler_type", "constant_with_warmup", "--warmup_steps", "2",
+          "--logging_steps", "4", "--eval_samples", "32", "--output_dir", str(tmp_path / "adapter")])
     out = capsys.readouterr().out
     row = re.search(r"\| arithmetic \| 32 \| ([\d.]+) \(\d+/32\) \| ([\d.]+) \(\d+/32\) \|", out)
     assert row, out

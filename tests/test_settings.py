@@ -1,7 +1,6 @@
 """One definition of each choice and of each setting: the CLI flags and the Axolotl `idlora:` block are derived
 from `IDLoRAConfig`'s fields (`idlora_trl.settings`), and every front end builds its config in one place."""
 
-import argparse
 import ast
 import dataclasses
 from pathlib import Path
@@ -9,19 +8,18 @@ from pathlib import Path
 import pytest
 
 from idlora_trl import IDLoRAConfig
-from idlora_trl.cli import build_parser
-from idlora_trl.cli.common import dest
 from idlora_trl.config import DISTANCES, ROUTER_NORMS, ROUTERS
 from idlora_trl.decomposition import SELECTIONS
-from idlora_trl.settings import METHOD_FIELDS, make_config, method_settings
+from idlora_trl.settings import IDLoRAArguments, METHOD_FIELDS, SFT_DEFAULTS, flag_name, make_config, method_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def subparser(name):
-    parser = build_parser()
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    return commands.choices[name]
+def parser_of(command):
+    """The `trl.TrlParser` of an `idlora-trl` subcommand."""
+    from idlora_trl.cli import basic, parser
+
+    return parser._make_parser(command) if command in ("sft", "dpo") else basic.make_parser(command)
 
 
 def actions(parser):
@@ -30,34 +28,33 @@ def actions(parser):
 
 def test_every_method_field_is_described_from_the_config():
     fields = {f.name: f for f in dataclasses.fields(IDLoRAConfig)}
+    arguments = {f.name: f for f in dataclasses.fields(IDLoRAArguments)}
+    assert list(arguments) == [flag_name(name) for name in METHOD_FIELDS]
     for item in method_settings():
-        field = fields[item.name]
-        assert item.default == (None if field.default is dataclasses.MISSING else field.default)
-        assert item.help == field.metadata["help"]
+        field, argument = fields[item.name], arguments[item.flag]
+        assert item.flag == flag_name(item.name) and item.flag.startswith("idlora_")
+        assert item.default == argument.default == (None if field.default is dataclasses.MISSING else field.default)
+        assert item.help == argument.metadata["help"] == field.metadata["help"]
     by_name = {item.name: item for item in method_settings()}
     assert (by_name["router"].choices, by_name["router_norm"].choices, by_name["distance"].choices) == \
         (ROUTERS, ROUTER_NORMS, DISTANCES)
     assert all(name in by_name["selection"].help for name in SELECTIONS)
+    assert IDLoRAArguments(idlora_r=8, idlora_router="static").values() == {
+        **{item.name: item.default for item in method_settings()}, "r": 8, "router": "static"}
 
 
-@pytest.mark.parametrize("command", ["sft", "dpo", "decompose"])
-def test_training_flags_are_the_config_fields(command):
-    found = actions(subparser(command))
-    expected = [name for name in METHOD_FIELDS if not (command == "decompose" and name == "indices_path")]
+@pytest.mark.parametrize("command", ["sft", "dpo", "decompose", "count", "demo"])
+def test_the_flags_are_the_config_fields(command):
+    found = actions(parser_of(command))
     for item in method_settings():
-        if item.name not in expected:
-            assert dest(item.name) not in found
-            continue
-        action = found[dest(item.name)]
-        default = action.default.value if hasattr(action.default, "value") else action.default
-        assert default == item.default or item.name == "r"
-        assert action.choices == item.choices
-
-
-def test_count_flags_are_a_subset_with_the_same_choices():
-    found = actions(subparser("count"))
-    assert found["router"].choices == ROUTERS and found["router_norm"].choices == ROUTER_NORMS
-    assert found["r"].default == 128 and found["num_clusters"].default == IDLoRAConfig().num_clusters
+        action = found[item.flag]
+        assert f"--{item.flag}" in action.option_strings
+        assert action.help == item.help
+        assert action.default == item.default or item.name == "r", item.name
+        assert action.choices == (list(item.choices) if item.choices else None) or \
+            tuple(action.choices or ()) == (item.choices or ()), item.name
+    r = found["idlora_r"].default
+    assert r == (128 if command == "count" else SFT_DEFAULTS["r"])
 
 
 def test_axolotl_block_is_derived_from_the_config_fields():

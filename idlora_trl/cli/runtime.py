@@ -10,13 +10,14 @@ from typing import Optional
 
 from transformers.utils import logging
 
-from .common import UsageError
+from .common import UsageError, first_line
 
 logger = logging.get_logger(f"transformers.{__name__}")
 
 # ------------------------------------------------------------------------------------- model and data
-def load_model(path: Optional[str]):
-    """`(model, tokenizer, label)`: a local model directory (or a cached Hub name), or the embedded SmolLM2."""
+def load_model(path: Optional[str], model_args=None):
+    """`(model, tokenizer, label)`: a local model directory (or a cached Hub name), or the embedded SmolLM2.
+    `model_args` (a `trl.ModelConfig`) gives the dtype, revision and attention implementation."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -31,22 +32,27 @@ def load_model(path: Optional[str]):
         path = os.path.expanduser(path)
         label = os.path.basename(os.path.normpath(path)) or path
         if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
-            raise UsageError(f"model path {path!r} is not a model directory (no config.json)")
+            raise UsageError(f"--model_name_or_path {path!r} is not a model directory (no config.json)")
         if os.path.isfile(path):
-            raise UsageError(f"model path {path!r} is a file; pass the model directory")
+            raise UsageError(f"--model_name_or_path {path!r} is a file; pass the model directory")
         if not os.path.exists(path) and (path.startswith((".", "/", "~")) or path.count("/") != 1):
-            raise UsageError(f"model path {path!r} does not exist")
+            raise UsageError(f"--model_name_or_path {path!r} does not exist")
+    dtype = getattr(model_args, "dtype", None) or "float32"
+    kwargs = dict(dtype=dtype if dtype == "auto" else getattr(torch, dtype))
+    if getattr(model_args, "attn_implementation", None):
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    if getattr(model_args, "model_revision", "main") not in (None, "main"):
+        kwargs["revision"] = model_args.model_revision
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # "Loading weights" bars: noise for a model that loads in a second
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path, **{k: v for k, v in kwargs.items() if k == "revision"})
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UsageError(f"cannot load model {path!r} (nothing is downloaded; pass a local model directory): "
-                         f"{first}") from error
+        raise UsageError(f"cannot load model {path!r} (nothing is downloaded; pass a local model directory to "
+                         f"--model_name_or_path): {first_line(error)}") from error
     finally:
         if bars:
             hf_logging.enable_progress_bar()
@@ -58,13 +64,38 @@ def load_model(path: Optional[str]):
     return model, tokenizer, label
 
 
-def user_dataset(source: str, kind: str, opts, split: Optional[str] = None):
+def user_dataset(source: str, kind: str, script, option: str = "--dataset_name", split: Optional[str] = None):
+    """A user's dataset (`trl.ScriptArguments` gives the split and configuration); problems are `UsageError`s."""
     from ..data import DataError, load_dataset
 
     try:
-        return load_dataset(source, kind, split=split or opts.dataset_split, config_name=opts.dataset_config)
+        return load_dataset(source, kind, split=split or script.dataset_train_split,
+                            config_name=script.dataset_config)
     except DataError as error:
-        raise UsageError(str(error)) from error
+        raise UsageError(f"{option}: {error}") from error
+
+
+def mixture_dataset(mixture, kind: str, script):
+    """TRL's dataset mixture (`datasets:` in a --config file), loaded by `trl.get_dataset` as `trl sft` loads it;
+    the training split is `--dataset_train_split`. Problems are `UsageError`s."""
+    from trl import get_dataset
+
+    from ..data import DataError, check_columns, no_progress_bars
+
+    try:
+        with no_progress_bars():
+            splits = get_dataset(mixture)
+    except Exception as error:  # datasets' own errors: a missing file, an unknown builder, mismatched columns
+        raise UsageError(f"datasets (the --config file's mixture): cannot load it: {first_line(error)}") from error
+    if script.dataset_train_split not in splits:
+        raise UsageError(f"datasets: the mixture has splits {sorted(splits)}, not --dataset_train_split "
+                         f"{script.dataset_train_split!r}")
+    train = splits[script.dataset_train_split]
+    try:
+        check_columns(train.column_names, kind, "datasets")
+    except DataError as error:
+        raise UsageError(f"datasets: {error}") from error
+    return train
 
 
 def training_columns(dataset, columns: tuple[str, ...]):
@@ -72,41 +103,30 @@ def training_columns(dataset, columns: tuple[str, ...]):
     return dataset.remove_columns([c for c in dataset.column_names if c not in columns])
 
 
-def make_training_args(config_cls, opts, **extra):
-    """The trainer's arguments (`SFTConfig` or `DPOConfig`), built before the model is loaded.
+def resolve_checkpoint(training) -> Optional[str]:
+    """`--resume_from_checkpoint`: a checkpoint directory, or `last`/`true` for the newest one in `--output_dir`.
+    Checked before anything loads: it must hold the adapter (whose indices the resumed run reuses)."""
+    value = training.resume_from_checkpoint
+    if value in (None, "", False):
+        return None
+    if str(value).lower() in ("true", "last"):
+        from transformers.trainer_utils import get_last_checkpoint
 
-    With `--deepspeed`, creating them switches on `zero.Init`, so that `from_pretrained` partitions the model
-    while it loads (ZeRO-3) and the decomposition then gathers one weight at a time. On a machine without
-    CUDA the process group is initialised first, over gloo (DeepSpeed would try NCCL)."""
-    import torch
+        found = get_last_checkpoint(training.output_dir) if os.path.isdir(training.output_dir) else None
+        if found is None:
+            raise UsageError(f"--resume_from_checkpoint {value}: no checkpoint-N folder in --output_dir "
+                             f"{training.output_dir!r} (checkpoints are written with --save_steps N)")
+        value = found
+    from ..indices import ADAPTER_WEIGHTS
 
-    cuda = torch.cuda.is_available()
-    if opts.deepspeed:
-        if not os.path.isfile(opts.deepspeed):
-            raise UsageError(f"DeepSpeed config {opts.deepspeed!r} does not exist (this repository ships "
-                             "integrations/deepspeed/zero3_cpu_fp32.json and zero3_bf16.json)")
-        if not cuda:
-            import deepspeed
-
-            if "RANK" not in os.environ:  # one process without a launcher: a world of one
-                for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                                       MASTER_ADDR="127.0.0.1", MASTER_PORT="29500").items():
-                    os.environ.setdefault(key, value)
-            deepspeed.init_distributed(dist_backend="gloo")
-    if opts.bf16 and not cuda:
-        logger.warning("--bf16 on a CPU: expect training to be far slower than in fp32")
-    kwargs = dict(output_dir=opts.output_dir, max_steps=opts.max_steps, per_device_train_batch_size=opts.batch_size,
-                  per_device_eval_batch_size=opts.batch_size,
-                  gradient_accumulation_steps=opts.gradient_accumulation_steps,
-                  learning_rate=opts.learning_rate, lr_scheduler_type=opts.lr_scheduler,
-                  warmup_steps=opts.warmup_steps, weight_decay=opts.weight_decay, logging_steps=opts.logging_steps,
-                  logging_first_step=True, max_length=opts.max_length, seed=opts.seed, data_seed=opts.seed,
-                  use_cpu=not cuda, bf16=opts.bf16, fp16=False, gradient_checkpointing=False, report_to="none",
-                  save_strategy="no", disable_tqdm=True, dataloader_num_workers=0, deepspeed=opts.deepspeed)
-    try:
-        return config_cls(**kwargs, **extra)
-    except ValueError as error:  # e.g. a DeepSpeed config whose values contradict the flags
-        raise UsageError(first_line(error)) from error
+    if not os.path.isdir(value):
+        raise UsageError(f"--resume_from_checkpoint {value!r} does not exist")
+    if not os.path.isfile(os.path.join(value, ADAPTER_WEIGHTS)):
+        raise UsageError(f"--resume_from_checkpoint {value!r} is not a checkpoint of an adapter (no "
+                         f"{ADAPTER_WEIGHTS}); checkpoints are the checkpoint-N folders that --save_steps N writes "
+                         "into --output_dir")
+    training.resume_from_checkpoint = value
+    return value
 
 
 # ------------------------------------------------------------------------------------- distributed
@@ -150,7 +170,11 @@ def log_callback(total_steps: int, keys: tuple[str, ...]):
             self.start = time.perf_counter()
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if not state.is_world_process_zero or not logs or "loss" not in logs:
+            if not state.is_world_process_zero or not logs:
+                return
+            if "eval_loss" in logs:  # --eval_strategy: the loss on the held-out rows
+                print(f"  step {state.global_step:>4}/{total_steps}  eval loss {logs['eval_loss']:.4f}", flush=True)
+            if "loss" not in logs:
                 return
             parts = [f"step {state.global_step:>4}/{total_steps}", f"loss {logs['loss']:.4f}"]
             parts += [f"{key.split('/')[-1] if '/' in key else key} {logs[key]:.3f}" for key in keys if key in logs]
@@ -168,14 +192,15 @@ def use_our_printer(trainer, callback) -> None:
     trainer.add_callback(callback)
 
 
-def _index_cache(opts, peft_config) -> Optional[str]:
+def _index_cache(run, peft_config) -> Optional[str]:
     """Where the embedded model's indices for these settings are cached (`None`: no caching).
 
     Clustering the default target modules of SmolLM2 takes about 15 s on 2 cores; the indices depend only on the
     frozen weights and the decomposition settings, so later runs with the same settings reuse them (the
-    project's "cluster once" file, written for you). Never used for other models, with --indices-path, or in a
+    project's "cluster once" file, written for you). Never used for other models, with --idlora_indices_path, or in a
     distributed run (ranks that disagree on whether a cached file exists would not cluster alike)."""
-    if opts.model is not None or opts.indices_path is not None or opts.no_index_cache or is_distributed():
+    if (run.model.model_name_or_path is not None or peft_config.indices_path is not None or not run.job.index_cache
+            or is_distributed()):
         return None
     from ..smollm2 import MODEL_NAME, cache_dir, smollm2_path
 
@@ -191,19 +216,25 @@ def _index_cache(opts, peft_config) -> Optional[str]:
     return str(cache_dir() / "indices" / f"{MODEL_NAME}-r{peft_config.r}-{digest}.safetensors")
 
 
-def setup_adapter(cls, opts, peft_config, **kwargs):
-    """Build the trainer (which injects ID-LoRA), reusing or filling the embedded model's index cache."""
-    cache = _index_cache(opts, peft_config)
+def setup_adapter(cls, run, peft_config, checkpoint: Optional[str] = None, **kwargs):
+    """Build the trainer (which injects ID-LoRA): the indices come from the checkpoint being resumed, an index file,
+    the embedded model's index cache (filled on the first run), or clustering."""
+    given = peft_config.indices_path
+    if checkpoint is not None:
+        peft_config.indices_path = checkpoint  # its adapter holds the tables: resuming never clusters again
+    cache = _index_cache(run, peft_config)
     reuse = cache is not None and os.path.isfile(cache)
     if reuse:
         peft_config.indices_path = cache
     start = time.perf_counter()
     trainer = _make_trainer(cls, peft_config=peft_config, **kwargs)
     elapsed = seconds(start)
-    if opts.indices_path:
-        how = f"clustering skipped: indices from {opts.indices_path}"
+    if checkpoint is not None:
+        how = f"clustering skipped: indices from the checkpoint {checkpoint}"
+    elif given:
+        how = f"clustering skipped: indices from {given}"
     elif reuse:
-        how = f"clustering skipped: indices cached by an earlier run, {cache} (--no-index-cache to redo it)"
+        how = f"clustering skipped: indices cached by an earlier run, {cache} (--no_index_cache to redo it)"
     else:
         how = "clustering included"
         if cache is not None:
@@ -214,11 +245,11 @@ def setup_adapter(cls, opts, peft_config, **kwargs):
             os.replace(staging, cache)  # atomic: concurrent runs never read half a file
             how += f"; indices cached in {cache} for later runs"
     say(f"ID-LoRA set up in {elapsed} ({how})")
-    if getattr(opts, "lora_r", None):  # the trainer's table compares with LoRA at r/4; the user asked for another rank
+    if run.model.lora_r:  # the trainer's table compares with LoRA at r/4; the user asked for another rank
         from .. import count_parameters, format_parameter_table
 
-        say(f"Against LoRA at r={opts.lora_r}:\n"
-            f"{format_parameter_table(count_parameters(trainer.model, lora_r=opts.lora_r))}")
+        say(f"Against LoRA at r={run.model.lora_r}:\n"
+            f"{format_parameter_table(count_parameters(trainer.model, lora_r=run.model.lora_r))}")
     return trainer
 
 
@@ -228,11 +259,6 @@ def _make_trainer(cls, **kwargs):
         return cls(**kwargs)
     except (ValueError, TypeError) as error:  # e.g. num_clusters * r > d_out, no module matched, index file
         raise UsageError(first_line(error)) from error
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def save_adapter(trainer, output_dir: str) -> None:

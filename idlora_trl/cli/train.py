@@ -1,142 +1,153 @@
-"""The training commands of `idlora-trl`: `sft`, `dpo` and `decompose`.
+"""The training commands of `idlora-trl`: `sft` and `dpo`, parsed like `trl sft` / `trl dpo` (`parser.py`).
 
 - `idlora-trl sft`: ID-LoRA SFT with `IDLoRASFTTrainer`. Defaults: the embedded SmolLM2-135M-Instruct and the
   built-in multi-task mix (arithmetic, sentiment, instructions); prints the parameter table against LoRA, the
-  loss every few steps and held-out exact-match accuracy per task before and after; saves the adapter.
+  loss every few steps and held-out exact-match accuracy per task before and after; saves the adapter and a
+  picture of the run (`run.png`).
 - `idlora-trl dpo`: ID-LoRA DPO with `IDLoRADPOTrainer` (reference: the base with the adapter disabled).
   Defaults: the embedded model and the built-in safety set; prints reward accuracies and margins (training
   and held-out pairs), and the refusal rate on held-out harmful and benign prompts before and after.
-- `idlora-trl decompose`: clusters a model once and writes the index file that later runs reuse with
-  `--indices-path` (or `IDLoRAConfig(indices_path=...)`).
 
-Every setting is a flag, or a key of a `--config file.yaml|json` named like the flag (`max-steps` or
-`max_steps`); flags override the file. Bad input is a one-line error with exit status 2.
+`--save_steps N` writes checkpoints holding the adapter with its index tables; `--resume_from_checkpoint DIR`
+continues from one without clustering again. Bad input is a one-line error with exit status 2.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import time
+from typing import Optional
 
-from .args import (DPO_DEFAULTS, FLAGS_NOTE, SFT_DEFAULTS, HelpFormatter, add_model_and_idlora, add_training,
-                   build_idlora_config, finish, non_negative_float, positive_float, positive_int, resolve)
-from .common import UsageError
-from .runtime import (count_base_parameters, end_distributed, first_line, load_model, log_callback, loss_trend,
-                      make_training_args, save_adapter, say, seconds, setup_adapter, training_columns,
-                      use_our_printer, user_dataset)
+from .common import UsageError, idlora_config
+from .parser import Run, uses_deepspeed
+from .report import write_picture
+from .runtime import (count_base_parameters, end_distributed, load_model, log_callback, loss_trend,
+                      mixture_dataset, resolve_checkpoint, save_adapter, say, seconds, setup_adapter,
+                      training_columns, use_our_printer, user_dataset)
 
 
-def register(commands) -> None:
-    """Add `sft`, `dpo` and `decompose` to the `idlora-trl` subcommands."""
-    sft = commands.add_parser("sft", formatter_class=HelpFormatter,
-                              help="ID-LoRA SFT (default: SmolLM2-135M on the built-in multi-task mix)",
-                              description="ID-LoRA supervised fine-tuning with TRL. " + FLAGS_NOTE)
-    add_model_and_idlora(sft, r=SFT_DEFAULTS["r"])
-    add_training(sft, SFT_DEFAULTS)
-    sft.add_argument("--tasks", default="all",
-                     help="built-in tasks, comma-separated: arithmetic, sentiment, instructions, or all")
-    finish(sft, cmd_sft)
+def _peft_config(run: Run):
+    config = idlora_config(run.idlora, run.model.lora_target_modules, run.model.lora_modules_to_save)
+    path = config.indices_path
+    if path is not None:
+        import os
 
-    dpo = commands.add_parser("dpo", formatter_class=HelpFormatter,
-                              help="ID-LoRA DPO (default: SmolLM2-135M on the built-in safety set)",
-                              description="ID-LoRA DPO with TRL; ref_model=None (the base with the adapter "
-                                          "disabled). " + FLAGS_NOTE)
-    add_model_and_idlora(dpo, r=DPO_DEFAULTS["r"])
-    add_training(dpo, DPO_DEFAULTS)
-    dpo.add_argument("--beta", type=positive_float, default=DPO_DEFAULTS["beta"], help="DPO beta")
-    dpo.add_argument("--sft-weight", type=non_negative_float, default=DPO_DEFAULTS["sft_weight"],
-                     help="weight of an NLL term on the chosen replies added to the DPO loss (TRL's loss_type "
-                          "['sigmoid', 'sft'], as in RPO); 0: plain DPO, which on this small model lowers both "
-                          "replies' likelihood and garbles generation")
-    dpo.add_argument("--max-new-tokens", type=positive_int, default=24, help="reply length for refusal checks")
-    finish(dpo, cmd_dpo)
+        if not os.path.exists(path):
+            raise UsageError(f"--idlora_indices_path {path!r} does not exist; write one with `idlora-trl decompose`")
+    return config
 
-    decompose = commands.add_parser("decompose", formatter_class=HelpFormatter,
-                                    help="cluster a model once and write its ID-LoRA index file",
-                                    description="Cluster a model's weights once and write the index file that "
-                                                "sft/dpo (--indices-path) and IDLoRAConfig(indices_path=...) reuse. "
-                                                + FLAGS_NOTE)
-    add_model_and_idlora(decompose, r=SFT_DEFAULTS["r"])
-    decompose.add_argument("--output", default=None, metavar="FILE",
-                           help="index file to write (default: outputs/indices-<model>-r<r>-k<k>.safetensors)")
-    finish(decompose, cmd_decompose)
+
+def _user_data(run: Run) -> Optional[str]:
+    """What the user gave for training data (--dataset_name or a `datasets:` mixture), None for the built-in data."""
+    if run.mixture.datasets:
+        return f"mixture of {len(run.mixture.datasets)} dataset(s) " + ", ".join(d.path for d in run.mixture.datasets)
+    return run.script.dataset_name
+
+
+def _user_rows(run: Run, kind: str):
+    if run.mixture.datasets:
+        train = mixture_dataset(run.mixture, kind, run.script)
+    else:
+        train = user_dataset(run.script.dataset_name, kind, run.script)
+    if run.job.max_train_samples:
+        train = train.select(range(min(run.job.max_train_samples, len(train))))
+    return train
+
+
+def _skip_generation_under_deepspeed(run: Run, held_out):
+    """Greedy generation needs whole weights, which ZeRO-3 has partitioned: say so and evaluate nothing."""
+    if uses_deepspeed(run.training) and held_out:
+        say(f"Held-out evaluation by generation skipped under DeepSpeed ZeRO-3 ({len(held_out)} items): load the "
+            "saved adapter in one process to evaluate it")
+        return type(held_out)()
+    return held_out
+
+
+def _needs_eval_rows(run: Run, rows) -> None:
+    if str(run.training.eval_strategy).split(".")[-1].lower() != "no" and not rows:
+        raise UsageError("--eval_strategy needs held-out rows: --eval_samples > 0 (built-in data) or --eval_dataset")
 
 
 # ---------------------------------------------------------------------------------------------- sft
-def cmd_sft(args: argparse.Namespace) -> None:
-    from trl import SFTConfig
+def cmd_sft(run: Run) -> None:
+    from datasets import Dataset
 
     from .. import IDLoRASFTTrainer
     from ..data import DataError, sft_dataset
     from ..evaluation import evaluate_accuracy, format_comparison, format_examples
 
-    opts = resolve(args)
+    args, job = run.training, run.job
     start = time.perf_counter()
-    peft_config = build_idlora_config(opts)
-    if opts.dataset is None:
+    peft_config = _peft_config(run)
+    checkpoint = resolve_checkpoint(args)
+    if _user_data(run) is None:
         try:
-            train = sft_dataset("train", opts.tasks, opts.max_train_samples, seed=opts.seed)
-            held_out = (sft_dataset("test", opts.tasks, per_task=opts.eval_samples).to_list()
-                        if opts.eval_samples else [])
+            train = sft_dataset("train", job.tasks, job.max_train_samples, seed=args.seed)
+            held_out = sft_dataset("test", job.tasks, per_task=job.eval_samples).to_list() if job.eval_samples else []
         except DataError as error:
-            raise UsageError(str(error)) from error
+            raise UsageError(f"--tasks: {error}") from error
         data_label = f"built-in tasks {', '.join(sorted(set(train['task'])))}"
     else:
-        train = user_dataset(opts.dataset, "sft", opts)
-        if opts.max_train_samples:
-            train = train.select(range(min(opts.max_train_samples, len(train))))
-        data_label = opts.dataset
-        held_out = []
-    if opts.eval_dataset is not None:
-        held_out = _eval_rows(user_dataset(opts.eval_dataset, "sft", opts), opts.eval_samples)
-    training_args = make_training_args(SFTConfig, opts)  # before the model: with --deepspeed it turns zero.Init on
-    model, tokenizer, model_label = load_model(opts.model)
+        train, data_label, held_out = _user_rows(run, "sft"), _user_data(run), []
+    if job.eval_dataset is not None:
+        held_out = _eval_rows(user_dataset(job.eval_dataset, "sft", run.script, "--eval_dataset"), job.eval_samples)
+    _needs_eval_rows(run, held_out)
+    model, tokenizer, model_label = load_model(run.model.model_name_or_path, run.model)
     say(f"Model: {model_label} ({count_base_parameters(model):,} parameters); data: {data_label} "
         f"({len(train)} training rows, {len(held_out)} held-out); loaded in {seconds(start)}")
-    held_out = _skip_generation_under_deepspeed(opts, held_out)
+    columns = tuple(c for c in ("prompt", "completion", "messages", "text") if c in train.column_names)
+    eval_dataset = training_columns(Dataset.from_list(held_out), columns) if args.eval_strategy != "no" else None
+    held_out = _skip_generation_under_deepspeed(run, held_out)
 
     before = {}
     if held_out:
         t0 = time.perf_counter()
-        before = evaluate_accuracy(model, tokenizer, held_out, batch_size=opts.eval_batch_size)
+        before = evaluate_accuracy(model, tokenizer, held_out, batch_size=job.eval_batch_size)
         say(f"\nHeld-out accuracy before training ({seconds(t0)}): "
             + ", ".join(f"{t} {r.accuracy:.3f}" for t, r in before.items()))
 
-    columns = tuple(c for c in ("prompt", "completion", "messages", "text") if c in train.column_names)
-    trainer = setup_adapter(IDLoRASFTTrainer, opts, peft_config, model=model, args=training_args,
-                            train_dataset=training_columns(train, columns), processing_class=tokenizer)
-    use_our_printer(trainer, log_callback(opts.max_steps, ("mean_token_accuracy",)))
-    say(f"\nTraining {opts.max_steps} steps, batch {opts.batch_size}, lr {opts.learning_rate:g}:")
+    trainer = setup_adapter(IDLoRASFTTrainer, run, peft_config, checkpoint, model=model, args=args,
+                            train_dataset=training_columns(train, columns), eval_dataset=eval_dataset,
+                            processing_class=tokenizer)
+    use_our_printer(trainer, log_callback(args.max_steps, ("mean_token_accuracy",)))
+    say(f"\nTraining {_length(trainer)}, batch {args.per_device_train_batch_size}, lr {args.learning_rate:g}"
+        + (f", resuming from {checkpoint}" if checkpoint else "") + ":")
     t0 = time.perf_counter()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=checkpoint)
     train_s = time.perf_counter() - t0
 
-    save_adapter(trainer, opts.output_dir)
+    save_adapter(trainer, args.output_dir)
 
     say("\n== Summary ==")
     say(f"training: {trainer.state.global_step} steps in {train_s:.1f} s; loss {loss_trend(trainer)}; "
         f"mean {result.training_loss:.4f}")
+    after = {}
     if held_out:
-        after = evaluate_accuracy(trainer.model, tokenizer, held_out, batch_size=opts.eval_batch_size)
+        after = evaluate_accuracy(trainer.model, tokenizer, held_out, batch_size=job.eval_batch_size)
         say(format_comparison(before, after))
         say(format_examples(after, "Sample held-out replies after training:"))
+    _finish(run, trainer, "held-out accuracy", before, after)
     say(f"total wall time {seconds(start)}")
     end_distributed()
 
 
-def _skip_generation_under_deepspeed(opts, held_out):
-    """Greedy generation needs whole weights, which ZeRO-3 has partitioned: say so and evaluate nothing."""
-    if opts.deepspeed and held_out:
-        say(f"Held-out evaluation by generation skipped under --deepspeed ({len(held_out)} items): load the saved "
-            "adapter in one process to evaluate it")
-        return type(held_out)()
-    return held_out
+def _length(trainer) -> str:
+    args = trainer.args
+    return f"{args.max_steps} steps" if args.max_steps > 0 else f"{args.num_train_epochs:g} epochs"
+
+
+def _finish(run: Run, trainer, metric: str, before: dict, after: dict, **extra) -> None:
+    """Push to the Hub if asked (as `trl sft` does), write the picture, close the trackers."""
+    if run.training.push_to_hub:
+        trainer.push_to_hub(dataset_name=run.script.dataset_name)
+    if run.job.plot and trainer.is_world_process_zero():
+        path = write_picture(run, trainer.state.log_history, metric, before, after, **extra)
+        if path:
+            say(f"picture of the run: {path}")
 
 
 def _eval_rows(dataset, limit: int) -> list[dict]:
     if "prompt" not in dataset.column_names or "completion" not in dataset.column_names:
-        raise UsageError(f"the evaluation dataset needs 'prompt' and 'completion' columns, it has "
+        raise UsageError(f"--eval_dataset needs 'prompt' and 'completion' columns, it has "
                          f"{sorted(dataset.column_names)}")
     rows = dataset.to_list()
     if limit:
@@ -163,38 +174,33 @@ def _per_kind(dataset, limit: int):
     return dataset.select(keep)
 
 
-def cmd_dpo(args: argparse.Namespace) -> None:
-    from trl import DPOConfig
-
+def cmd_dpo(run: Run) -> None:
     from .. import IDLoRADPOTrainer
     from ..data import dpo_dataset, refusal_prompts
     from ..evaluation import format_comparison, format_examples, refusal_rates
 
-    opts = resolve(args)
+    args, job = run.training, run.job
     start = time.perf_counter()
-    peft_config = build_idlora_config(opts)
-    if opts.dataset is None:
-        train = dpo_dataset("train", opts.max_train_samples, seed=opts.seed)
-        pairs = _per_kind(dpo_dataset("test"), opts.eval_samples) if opts.eval_samples else None
+    peft_config = _peft_config(run)
+    checkpoint = resolve_checkpoint(args)
+    if _user_data(run) is None:
+        train = dpo_dataset("train", job.max_train_samples, seed=args.seed)
+        pairs = _per_kind(dpo_dataset("test"), job.eval_samples) if job.eval_samples else None
         data_label = "built-in safety set"
     else:
-        train = user_dataset(opts.dataset, "dpo", opts)
-        if opts.max_train_samples:
-            train = train.select(range(min(opts.max_train_samples, len(train))))
-        pairs = user_dataset(opts.eval_dataset, "dpo", opts) if opts.eval_dataset else None
-        data_label = opts.dataset
+        train, data_label = _user_rows(run, "dpo"), _user_data(run)
+        pairs = user_dataset(job.eval_dataset, "dpo", run.script, "--eval_dataset") if job.eval_dataset else None
     prompts = refusal_prompts("test")
-    prompts = {kind: rows[:opts.eval_samples] for kind, rows in prompts.items()} if opts.eval_samples else {}
-    losses = dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, opts.sft_weight]) if opts.sft_weight else {}
-    config = make_training_args(DPOConfig, opts, beta=opts.beta, **losses)  # before the model (zero.Init)
-    model, tokenizer, model_label = load_model(opts.model)
+    prompts = {kind: rows[:job.eval_samples] for kind, rows in prompts.items()} if job.eval_samples else {}
+    _needs_eval_rows(run, pairs)
+    model, tokenizer, model_label = load_model(run.model.model_name_or_path, run.model)
     say(f"Model: {model_label} ({count_base_parameters(model):,} parameters); data: {data_label} "
         f"({len(train)} preference pairs); loaded in {seconds(start)}")
-    prompts = _skip_generation_under_deepspeed(opts, prompts)  # reward metrics on held-out pairs still run
+    prompts = _skip_generation_under_deepspeed(run, prompts)  # reward metrics on held-out pairs still run
 
     def refusals(m) -> dict:
-        return refusal_rates(m, tokenizer, prompts, max_new_tokens=opts.max_new_tokens,
-                             batch_size=opts.eval_batch_size) if prompts else {}
+        return refusal_rates(m, tokenizer, prompts, max_new_tokens=job.max_new_tokens,
+                             batch_size=job.eval_batch_size) if prompts else {}
 
     t0 = time.perf_counter()
     before = refusals(model)
@@ -203,20 +209,21 @@ def cmd_dpo(args: argparse.Namespace) -> None:
             + ", ".join(f"{k} {r.accuracy:.3f}" for k, r in before.items()))
 
     columns = tuple(c for c in ("prompt", "chosen", "rejected") if c in train.column_names)
-    trainer = setup_adapter(IDLoRADPOTrainer, opts, peft_config, model=model, ref_model=None, args=config,
+    trainer = setup_adapter(IDLoRADPOTrainer, run, peft_config, checkpoint, model=model, ref_model=None, args=args,
                             train_dataset=training_columns(train, columns),
                             eval_dataset=training_columns(pairs, columns) if pairs is not None else None,
                             processing_class=tokenizer)
-    use_our_printer(trainer, log_callback(opts.max_steps, ("rewards/accuracies", "rewards/margins")))
-    say(f"\nTraining {opts.max_steps} steps, batch {opts.batch_size}, lr {opts.learning_rate:g}, "
-        f"beta {opts.beta:g}, loss {' + '.join(config.loss_type)}:")
+    use_our_printer(trainer, log_callback(args.max_steps, ("rewards/accuracies", "rewards/margins")))
+    losses = " + ".join(args.loss_type if isinstance(args.loss_type, (list, tuple)) else [args.loss_type])
+    say(f"\nTraining {_length(trainer)}, batch {args.per_device_train_batch_size}, lr {args.learning_rate:g}, "
+        f"beta {args.beta:g}, loss {losses}" + (f", resuming from {checkpoint}" if checkpoint else "") + ":")
     t0 = time.perf_counter()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=checkpoint)
     train_s = time.perf_counter() - t0
     logs = [log for log in trainer.state.log_history if "rewards/accuracies" in log]
     held_out_metrics = trainer.evaluate() if pairs is not None else {}
 
-    save_adapter(trainer, opts.output_dir)
+    save_adapter(trainer, args.output_dir)
 
     say("\n== Summary ==")
     if logs:
@@ -229,38 +236,11 @@ def cmd_dpo(args: argparse.Namespace) -> None:
             f"reward accuracy {held_out_metrics.get('eval_rewards/accuracies', 0):.3f}, "
             f"reward margin {held_out_metrics.get('eval_rewards/margins', 0):.3f}, "
             f"loss {held_out_metrics.get('eval_loss', 0):.4f}")
+    after = {}
     if before:
         after = refusals(trainer.model)
         say(format_comparison(before, after, metric="refusal rate", label="prompts"))
         say(format_examples(after, "Sample held-out replies after training:"))
+    _finish(run, trainer, "refusal rate", before, after)
     say(f"total wall time {seconds(start)}")
     end_distributed()
-
-
-# ---------------------------------------------------------------------------------------- decompose
-def cmd_decompose(args: argparse.Namespace) -> None:
-    from peft import get_peft_model
-
-    from .. import get_indices, save_indices  # the public API (module layout may change)
-
-    opts = resolve(args)
-    opts.indices_path = None
-    peft_config = build_idlora_config(opts)
-    start = time.perf_counter()
-    model, _, label = load_model(opts.model)
-    output = opts.output or os.path.join(
-        "outputs", f"indices-{label}-r{opts.r}-k{opts.num_clusters}-{opts.selection}.safetensors")
-    if os.path.isdir(output):
-        raise UsageError(f"--output {output!r} is a directory; give a file name")
-    t0 = time.perf_counter()
-    try:
-        peft_model = get_peft_model(model, peft_config)
-    except ValueError as error:
-        raise UsageError(first_line(error)) from error
-    clustering_s = time.perf_counter() - t0
-    indices = get_indices(peft_model)
-    save_indices(output, indices, peft_config.decomposition_spec())
-    print(f"Clustered {len(indices)} modules of {label} ({peft_config.selection}, r={opts.r}, k={opts.num_clusters}) "
-          f"in {clustering_s:.1f} s; wrote {os.path.abspath(output)}")
-    print(f"Reuse it with: idlora-trl sft --indices-path {output}  (or IDLoRAConfig(indices_path=...)); "
-          f"total {seconds(start)}")

@@ -13,6 +13,7 @@ Each has a `"train"` split and a held-out `"test"` split that shares no item wit
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Iterable, Optional
 
@@ -86,12 +87,19 @@ def load_dataset(source: str, kind: str, split: str = "train", config_name: Opti
     """A user's dataset for `kind` (`"sft"` or `"dpo"`): a `.jsonl`/`.json` file, a directory written by
     `Dataset.save_to_disk`, or a Hugging Face dataset name (loaded with `datasets.load_dataset`, which needs
     the dataset in the local cache when the Hub is offline). Checks that the columns fit TRL's formats."""
+    with no_progress_bars():
+        return _load_dataset(source, kind, split, config_name)
+
+
+@contextlib.contextmanager
+def no_progress_bars():
+    """Without `datasets`' "Generating train split" bars, which would bury a one-line error."""
     from datasets.utils.tqdm import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     quiet = are_progress_bars_disabled()
-    disable_progress_bars()  # "Generating train split" bars would bury a one-line error
+    disable_progress_bars()
     try:
-        return _load_dataset(source, kind, split, config_name)
+        yield
     finally:
         if not quiet:
             enable_progress_bars()
@@ -136,4 +144,4 @@ def check_columns(columns: Iterable[str], kind: str, source: str = "dataset") ->
 
 
 __all__ = ["DataError", "SFT_SPLITS", "SFT_TASKS", "SPLITS", "check_columns", "dpo_dataset", "dpo_rows", "load_dataset",
-           "parse_tasks", "refusal_prompts", "sft_dataset", "sft_rows"]
+           "no_progress_bars", "parse_tasks", "refusal_prompts", "sft_dataset", "sft_rows"]

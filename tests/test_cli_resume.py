@@ -1,0 +1,87 @@
+"""Checkpoints and resume in one process: `--save_steps N` writes checkpoints holding the adapter with its index
+tables, and `--resume_from_checkpoint` continues from one without clustering again and ends with the adapter of
+the uninterrupted run. (Two ZeRO-3 ranks: test_distributed_cli.py.)"""
+
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from idlora_trl.cli import main
+from idlora_trl.hookspecs import hookimpl
+from idlora_trl.plugins import get_plugin_manager
+
+RUN = ["--idlora_r", "8", "--idlora_num_clusters", "2", "--per_device_train_batch_size", "4", "--logging_steps", "1",
+       "--max_steps", "4", "--max_train_samples", "32", "--eval_samples", "0", "--learning_rate", "1e-2"]
+
+
+class CountClustering:
+    """Counts the modules clustered (leaves the answer to the built-in strategies)."""
+
+    calls = 0
+
+    @hookimpl(tryfirst=True)
+    def idlora_select_rows(self, weight, module_name, config):
+        self.calls += 1
+
+
+@pytest.fixture
+def clustering():
+    counter = CountClustering()
+    get_plugin_manager().register(counter)
+    yield counter
+    get_plugin_manager().unregister(counter)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    main(["sft", "--model_name_or_path", tiny_model_dir, *RUN, "--save_steps", "2", "--output_dir", str(out)])
+    return out
+
+
+def adapter(path) -> dict:
+    return load_file(path / "adapter_model.safetensors")
+
+
+def test_checkpoints_hold_the_adapter_with_its_index_tables(uninterrupted):
+    for step in (2, 4):
+        checkpoint = uninterrupted / f"checkpoint-{step}"
+        tensors = adapter(checkpoint)
+        assert sum(key.endswith(".idlora_indices") for key in tensors) == 10  # q, k, v, gate, up x 2 layers
+        assert (checkpoint / "optimizer.pt").is_file() and (checkpoint / "trainer_state.json").is_file()
+    final, last = adapter(uninterrupted), adapter(uninterrupted / "checkpoint-4")
+    assert all(torch.equal(final[key], last[key]) for key in final)
+
+
+@pytest.mark.parametrize("how", ["path", "last"])
+def test_resume_does_not_cluster_and_ends_with_the_same_adapter(uninterrupted, tiny_model_dir, tmp_path, capsys,
+                                                                clustering, how):
+    checkpoint = uninterrupted / "checkpoint-2"
+    out = tmp_path / "resumed"
+    if how == "last":  # the newest checkpoint-N of --output_dir: copy checkpoint-2 alone there
+        import shutil
+
+        shutil.copytree(checkpoint, out / "checkpoint-2")
+        checkpoint = out / "checkpoint-2"
+    main(["sft", "--model_name_or_path", tiny_model_dir, *RUN, "--output_dir", str(out),
+          "--resume_from_checkpoint", str(checkpoint) if how == "path" else "last"])
+    log = capsys.readouterr().out
+    assert f"clustering skipped: indices from the checkpoint {checkpoint}" in log
+    assert clustering.calls == 0
+    assert re.search(r"step +3/4  loss", log) and not re.search(r"step +2/4  loss", log)  # steps 3 and 4 ran here
+    resumed, expected = adapter(out), adapter(uninterrupted)
+    assert resumed.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(resumed[key], expected[key], rtol=1e-5, atol=1e-6)
+    at_2 = adapter(uninterrupted / "checkpoint-2")
+    assert any(not torch.equal(resumed[k], at_2[k]) for k in expected if "idlora_B" in k)  # it did train on
+
+
+def test_a_checkpoint_of_other_settings_is_refused(uninterrupted, tiny_model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["sft", "--model_name_or_path", tiny_model_dir, *RUN, "--idlora_seed", "3", "--output_dir",
+              str(tmp_path), "--resume_from_checkpoint", str(uninterrupted / "checkpoint-2")])
+    assert info.value.code == 2
+    assert "other settings (seed: file 0 vs config 3)" in capsys.readouterr().err

@@ -4,6 +4,10 @@ Importing this package registers ID-LoRA with PEFT, so `peft.get_peft_model(mode
 `PeftModel.from_pretrained` and TRL's `peft_config=` work as they do for LoRA.
 """
 
+from .startup import prepare_the_command
+
+prepare_the_command()  # the `idlora-trl` command only: before PEFT's import allocates (see startup.py)
+
 from .config import IDLoRAConfig
 from .counting import count_parameters, format_parameter_table, meta_model
 from .indices import read_indices, save_indices

@@ -44,3 +44,42 @@ def test_demo_on_smollm2(tmp_path, capsys):
     assert "Paris" in out
     assert "without clustering; logits identical: True" in out
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+
+PROBE = """
+import os, resource, sys
+{argv}
+import idlora_trl
+import torch
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+torch.empty(16 * 2**20).fill_(1.0)  # 64 MiB: 16,384 pages of 4 KiB
+print(os.environ.get("THP_MEM_ALLOC_ENABLE"), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_the_command_backs_large_tensors_with_huge_pages():
+    """A process started as `idlora-trl` gets THP_MEM_ALLOC_ENABLE=1 before PEFT's import allocates, and its large
+    tensors then fault in far fewer pages (idlora_trl/startup.py); a user's script importing idlora_trl does not,
+    and a user's own value wins. Real processes: PyTorch reads the variable once per process."""
+    import os
+    import subprocess
+    import sys
+
+    from idlora_trl.startup import kernel_offers_huge_pages
+
+    def probe(argv: str, **env) -> tuple[str, int]:
+        environ = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"} | env
+        out = subprocess.run([sys.executable, "-c", PROBE.format(argv=argv)], capture_output=True, text=True,
+                             env=environ, timeout=300, check=True).stdout.split()
+        return out[0], int(out[1])
+
+    command = "sys.argv[0] = os.path.join(os.path.dirname(sys.executable), 'idlora-trl')"
+    value, faults = probe(command)
+    if not kernel_offers_huge_pages():
+        assert value == "None"
+        pytest.skip("this kernel offers no transparent huge pages: the setting is rightly not made")
+    assert value == "1" and faults < 4096
+    value, faults = probe("")  # a user's own script
+    assert value == "None" and faults >= 16384
+    assert probe(command, THP_MEM_ALLOC_ENABLE="0")[0] == "0"

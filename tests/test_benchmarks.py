@@ -157,3 +157,16 @@ def test_gpu_check_table_and_exit_status(monkeypatch):
     assert gpu_check.exit_status(data, smoke=False) == 0
     data["tests"]["passed"] = 0  # nothing ran on a GPU: an error, but not in a smoke run (they skip on the CPU)
     assert gpu_check.exit_status(data, smoke=False) == 1 and gpu_check.exit_status(data, smoke=True) == 0
+
+
+def test_quality_report_is_partial_only_when_a_needed_run_was_left_out(monkeypatch):
+    """`--quality-minutes 0` over stored runs (the doc's final render) is complete; a run left out at the deadline
+    makes the report say "partial"."""
+    monkeypatch.syspath_prepend(str(RUN.parent))
+    import quality
+
+    clock = quality.Clock(0)  # the deadline is now: nothing new may start
+    assert not clock.skipped  # rendering stored runs asks nothing of the clock
+    assert clock.skip() and clock.skipped
+    unlimited = quality.Clock(None)
+    assert not unlimited.skip() and not unlimited.skipped

@@ -107,6 +107,12 @@ def test_sft_on_a_trl_dataset_mixture_from_the_config_file(tiny_model_dir, tmp_p
                 "--output_dir", str(tmp_path / "a")], capsys)
     assert "data: mixture of 2 dataset(s) json, json (10 training rows, 0 held-out)" in out
     assert "step    1/1  loss" in out
+    # test_split_size: its test split is the held-out set (scored by generation), as `trl sft` evaluates on it
+    config.write_text(config.read_text() + "test_split_size: 0.2\n")
+    out = _run(["sft", "--config", str(config), "--model_name_or_path", tiny_model_dir, *TINY, "--max_steps", "1",
+                "--output_dir", str(tmp_path / "b")], capsys)
+    assert "data: mixture of 2 dataset(s) json, json (8 training rows, 2 held-out)" in out
+    assert "| dataset | 2 |" in out
 
 
 def test_dpo_prints_rewards_and_refusal_rates(tiny_model_dir, tmp_path, capsys):

@@ -76,8 +76,9 @@ def user_dataset(source: str, kind: str, script, option: str = "--dataset_name",
 
 
 def mixture_dataset(mixture, kind: str, script):
-    """TRL's dataset mixture (`datasets:` in a --config file), loaded by `trl.get_dataset` as `trl sft` loads it;
-    the training split is `--dataset_train_split`. Problems are `UsageError`s."""
+    """TRL's dataset mixture (`datasets:` in a --config file), loaded by `trl.get_dataset` as `trl sft` loads it:
+    `(train, test)`, the `--dataset_train_split` and, when `test_split_size` made one, the `--dataset_test_split`
+    (else None). Problems are `UsageError`s."""
     from trl import get_dataset
 
     from ..data import DataError, check_columns, no_progress_bars
@@ -95,7 +96,7 @@ def mixture_dataset(mixture, kind: str, script):
         check_columns(train.column_names, kind, "datasets")
     except DataError as error:
         raise UsageError(f"datasets: {error}") from error
-    return train
+    return train, splits.get(script.dataset_test_split)
 
 
 def training_columns(dataset, columns: tuple[str, ...]):

@@ -44,13 +44,15 @@ def _user_data(run: Run) -> Optional[str]:
 
 
 def _user_rows(run: Run, kind: str):
+    """`(train, test)`: the user's training rows, and the held-out rows of a mixture's `test_split_size` (used when
+    no --eval_dataset is given, as `trl sft` does; else None)."""
     if run.mixture.datasets:
-        train = mixture_dataset(run.mixture, kind, run.script)
+        train, test = mixture_dataset(run.mixture, kind, run.script)
     else:
-        train = user_dataset(run.script.dataset_name, kind, run.script)
+        train, test = user_dataset(run.script.dataset_name, kind, run.script), None
     if run.job.max_train_samples:
         train = train.select(range(min(run.job.max_train_samples, len(train))))
-    return train
+    return train, (test if run.job.eval_dataset is None else None)
 
 
 def _skip_generation_under_deepspeed(run: Run, held_out):
@@ -87,7 +89,8 @@ def cmd_sft(run: Run) -> None:
             raise UsageError(f"--tasks: {error}") from error
         data_label = f"built-in tasks {', '.join(sorted(set(train['task'])))}"
     else:
-        train, data_label, held_out = _user_rows(run, "sft"), _user_data(run), []
+        (train, test), data_label = _user_rows(run, "sft"), _user_data(run)
+        held_out = _eval_rows(test, job.eval_samples, "datasets' test split") if test is not None else []
     if job.eval_dataset is not None:
         held_out = _eval_rows(user_dataset(job.eval_dataset, "sft", run.script, "--eval_dataset"), job.eval_samples)
     _needs_eval_rows(run, held_out)
@@ -145,9 +148,9 @@ def _finish(run: Run, trainer, metric: str, before: dict, after: dict, **extra) 
             say(f"picture of the run: {path}")
 
 
-def _eval_rows(dataset, limit: int) -> list[dict]:
+def _eval_rows(dataset, limit: int, source: str = "--eval_dataset") -> list[dict]:
     if "prompt" not in dataset.column_names or "completion" not in dataset.column_names:
-        raise UsageError(f"--eval_dataset needs 'prompt' and 'completion' columns, it has "
+        raise UsageError(f"{source} needs 'prompt' and 'completion' columns (it is scored by generation), it has "
                          f"{sorted(dataset.column_names)}")
     rows = dataset.to_list()
     if limit:
@@ -188,8 +191,9 @@ def cmd_dpo(run: Run) -> None:
         pairs = _per_kind(dpo_dataset("test"), job.eval_samples) if job.eval_samples else None
         data_label = "built-in safety set"
     else:
-        train, data_label = _user_rows(run, "dpo"), _user_data(run)
-        pairs = user_dataset(job.eval_dataset, "dpo", run.script, "--eval_dataset") if job.eval_dataset else None
+        (train, pairs), data_label = _user_rows(run, "dpo"), _user_data(run)
+        if job.eval_dataset:
+            pairs = user_dataset(job.eval_dataset, "dpo", run.script, "--eval_dataset")
     prompts = refusal_prompts("test")
     prompts = {kind: rows[:job.eval_samples] for kind, rows in prompts.items()} if job.eval_samples else {}
     _needs_eval_rows(run, pairs)

@@ -10,31 +10,28 @@ adapter gathers from the frozen layer's output. Everything here is pure torch an
   *constrained* assignment cost), drawn from a local CPU ``torch.Generator``, so the result depends only
   on the data and the seed, never on the global RNG or the device;
 * assignment: for fixed centroids, the optimal assignment under the size constraint is a transportation
-  problem with ``k`` sinks. It is solved by cluster *prices* ``lam`` (the LP dual): points take
-  ``argmin_c D[x, c] - lam[c]``; while a cluster is short of points, its price is raised by the least
-  amount that makes ``min_size`` points prefer it. Prices only rise and a priced cluster ends with exactly
-  ``min_size`` points, so complementary slackness holds and the assignment is optimal. When the
-  unconstrained assignment is already feasible (the common case) no price is ever raised. When several
-  clusters compete for the same points, single-price raises can ping-pong; as soon as a raised cluster
-  falls short again, successive shortest paths finish the job (one point per augmentation, still exact),
-  so the constraint always holds;
+  problem with ``k`` sinks, solved exactly by cluster prices (its LP dual) and, when prices ping-pong,
+  successive shortest paths (``assignment.py``);
 * update: centroids are the means of their points (a one-hot matmul: deterministic on CUDA too);
-  stop when the assignment no longer changes or after ``max_iter`` rounds; keep the best of ``n_init``.
-  The ``n_init`` restarts are seeded one after another (same draws as alone), then iterated together, one
-  distance matmul and one means matmul per round for all restarts still moving.
+  stop when the assignment no longer changes, when the centroids move by at most ``tol`` times the mean
+  feature variance (the reference's criterion) or after ``max_iter`` rounds; keep the best of ``n_init``.
+  The ``n_init`` restarts run together: their seeding candidates are scored in one batched assignment per
+  centre, and each Lloyd round is one distance matmul, one batched assignment and one means matmul for all
+  restarts still moving.
 
 All arithmetic is float32 on the input's device, except the shortest-path repair (float64 on the CPU, it
 only sees the ``[n, k]`` distances); inertias are accumulated in float64.
 """
 from __future__ import annotations
 
-import heapq
 import math
 from numbers import Integral
 
 from typing import Literal, get_args
 
 import torch
+
+from .assignment import assign
 
 __all__ = ["SELECTIONS", "CLUSTERED", "DISTANCES", "constrained_kmeans", "pivoted_rows", "select_rows"]
 
@@ -53,6 +50,14 @@ def _sq_dists(points: torch.Tensor, sq_norms: torch.Tensor, centroids: torch.Ten
     return d.add_(sq_norms.unsqueeze(1)).clamp_(min=0.0)
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in ``t`` (one min/max pass: both propagate NaN; ``isfinite(t).all()`` is ~20x slower)."""
+    if t.numel() == 0:
+        return True
+    low, high = torch.aminmax(t)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
 def _own_sq_dists(points: torch.Tensor, centroids: torch.Tensor, labels: torch.Tensor,
                   chunk: int = 4096) -> torch.Tensor:
     """Exact ``||x_i - c_{labels_i}||^2`` per point (direct differences, in row chunks to bound memory)."""
@@ -60,145 +65,52 @@ def _own_sq_dists(points: torch.Tensor, centroids: torch.Tensor, labels: torch.T
                       for s in range(0, points.shape[0], chunk)])
 
 
-def _kmeans_pp(points: torch.Tensor, sq_norms: torch.Tensor, k: int, min_size: int,
-               gen: torch.Generator) -> torch.Tensor:
-    """Greedy k-means++ seeding made aware of the size constraint: each new centre is the best of a few
-    D^2-sampled candidate rows, "best" meaning the lowest cost of the *constrained* assignment of all points
-    to the centres so far. Without a binding constraint this is plain greedy k-means++; with one, it stops
-    k-means++ from seeding isolated outlier rows that the constraint would then force to absorb
-    ``min_size`` ordinary rows each (a poor local optimum that Lloyd iterations cannot leave)."""
-    n = points.shape[0]
-    trials = 2 + int(math.log(k))
-    first = int(torch.randint(n, (1,), generator=gen))
-    dist = _sq_dists(points, sq_norms, points[first:first + 1])  # [n, centres so far]
-    chosen, closest = [first], dist[:, 0]
+def _kmeans_pp(points: torch.Tensor, sq_norms: torch.Tensor, k: int, min_size: int, gen: torch.Generator,
+               n_init: int) -> torch.Tensor:
+    """Greedy k-means++ seeding of ``n_init`` restarts at once (``[n_init, k, d]`` centres), made aware of the
+    size constraint: each new centre is the best of a few D^2-sampled candidate rows, "best" meaning the lowest
+    cost of the *constrained* assignment of all points to the centres so far. Without a binding constraint this
+    is plain greedy k-means++; with one, it stops k-means++ from seeding isolated outlier rows that the
+    constraint would then force to absorb ``min_size`` ordinary rows each (a poor local optimum that Lloyd
+    iterations cannot leave). The restarts' candidates are scored together: one distance matmul and one
+    batched assignment per centre."""
+    n, runs = points.shape[0], torch.arange(n_init)
+    trials = 2 * (2 + int(math.log(k)))  # twice scikit-learn's count: see the docstring
+    chosen = [torch.randint(n, (n_init,), generator=gen)]
+    dist = _sq_dists(points, sq_norms, points[chosen[0].to(points.device)]).T.unsqueeze(2)  # [runs, n, centres]
+    closest = dist[:, :, 0]
     for _ in range(1, k):
         weights = closest.double().cpu()  # sampling on the CPU keeps the draw device-independent
-        total = float(weights.sum())
-        if total > 0:
-            u = torch.rand(trials, generator=gen, dtype=torch.float64) * total
-            cand = torch.searchsorted(weights.cumsum(0), u, right=True).clamp_(max=n - 1)
-        else:  # fewer distinct points than centres: any point will do
-            cand = torch.randint(n, (trials,), generator=gen)
-        cand_dist = _sq_dists(points, sq_norms, points[cand.to(points.device)])  # [n, trials]
-        costs = []
-        for t in range(trials):
-            d = torch.cat([dist, cand_dist[:, t:t + 1]], 1)
-            costs.append(float(d.gather(1, _assign(d, min_size).unsqueeze(1)).sum(dtype=torch.float64)))
-        best = min(range(trials), key=costs.__getitem__)
-        chosen.append(int(cand[best]))
-        dist = torch.cat([dist, cand_dist[:, best:best + 1]], 1)
-        closest = torch.minimum(closest, cand_dist[:, best])
-    return points[chosen].clone()
-
-
-# ------------------------------------------------------------------------------------------ assignment
-def _assign(dist: torch.Tensor, min_size: int, max_rounds: int | None = None) -> torch.Tensor:
-    """Optimal assignment of the ``n`` points to ``k`` clusters with costs ``dist`` ``[n, k]`` and every
-    cluster holding at least ``min_size`` points: cluster prices (see the module docstring), then shortest
-    paths for whatever the prices leave short. ``max_rounds`` caps the price rounds (default ``k``; tests
-    use 0 to exercise the shortest paths alone)."""
-    k = dist.shape[1]
-    labels = dist.argmin(1)
-    counts = torch.bincount(labels, minlength=k)
-    if min_size == 0 or bool((counts >= min_size).all()):
-        return labels  # unconstrained optimum is feasible, hence optimal
-    lam = dist.new_zeros(k)
-    raised: set[int] = set()
-    for _ in range(k if max_rounds is None else max_rounds):
-        c = int(counts.argmin())  # the most deficient cluster
-        if c in raised:  # it lost points to a later raise; prices could ping-pong, let paths finish
-            break
-        raised.add(c)
-        cost = dist - lam
-        others = cost.clone()
-        others[:, c] = math.inf
-        margin = cost[:, c] - others.amin(1)  # how much cheaper c must get for x to prefer it
-        # Pull in the (min_size - count) outsiders with the smallest margins (ties: lower row index) and
-        # raise lam[c] by exactly the largest of those margins: every point stays at an argmin of
-        # dist - lam, c ends with exactly min_size points and no other cluster gains any.
-        outside = torch.where(labels == c, math.inf, margin)
-        order = torch.sort(outside, stable=True).indices[: min_size - int(counts[c])]
-        lam[c] += outside[order[-1]].clamp(min=0)
-        labels = labels.clone()
-        labels[order] = c
-        counts = torch.bincount(labels, minlength=k)
-        if bool((counts >= min_size).all()):
-            return labels
-    return _shortest_path_repair(dist, labels, min_size)
-
-
-def _shortest_path_repair(dist: torch.Tensor, labels: torch.Tensor, min_size: int) -> torch.Tensor:
-    """Successive shortest paths: move one point at a time along the cheapest chain of reassignments
-    (i -> j -> ... -> c) from a cluster above ``min_size`` to a deficient cluster ``c``. Exact when
-    ``labels`` is optimal for its own counts (true for any ``argmin(dist - lam)``) and clusters above
-    ``min_size`` have zero price (true after the price rounds of :func:`_assign`).
-
-    Runs in float64 on the CPU (``dist`` is only ``[n, k]``). The members of each cluster are ranked once
-    by the cost of moving them to each other cluster, so an augmentation costs about O(k^3 + k^2 log n):
-    Bellman-Ford over the k clusters (edge i -> j = cheapest move from i to j), one point moved per edge."""
-    k = dist.shape[1]
-    dd, lab_t = dist.double().cpu(), labels.cpu()
-    d, lab = dd.tolist(), lab_t.tolist()
-    tol = 1e-9 * float(dd.abs().max())  # ignore float32 round-off "improvements" (no spurious cycles)
-    counts = torch.bincount(lab_t, minlength=k).tolist()
-    # ranked[i][j]: the initial members of i by ascending cost of moving them to j (read with a pointer
-    # that skips points gone from i); arrivals[i][j]: a heap of (cost, point) for points that joined i later.
-    ranked = []
-    for i in range(k):
-        members = (lab_t == i).nonzero().squeeze(1)
-        moves = dd[members] - dd[members, i:i + 1]
-        ranked.append(members[moves.argsort(dim=0, stable=True)].T.tolist())
-    ptr = [[0] * k for _ in range(k)]
-    arrivals: list[list[list[tuple[float, int]]]] = [[[] for _ in range(k)] for _ in range(k)]
-
-    def cheapest(i: int, j: int) -> tuple[float, int]:
-        """(cost, point) of the cheapest move of a current member of i to j."""
-        lst, p = ranked[i][j], ptr[i][j]
-        while p < len(lst) and lab[lst[p]] != i:
-            p += 1
-        ptr[i][j] = p
-        best = (d[lst[p]][j] - d[lst[p]][i], lst[p]) if p < len(lst) else (math.inf, -1)
-        heap = arrivals[i][j]
-        while heap and lab[heap[0][1]] != i:
-            heapq.heappop(heap)
-        return min(best, heap[0]) if heap else best
-
-    while True:
-        deficient = [c for c in range(k) if counts[c] < min_size]
-        if not deficient:
-            return torch.tensor(lab, dtype=torch.int64, device=labels.device)
-        edge = [[cheapest(i, j)[0] if i != j else math.inf for j in range(k)] for i in range(k)]
-        best = [0.0 if counts[c] > min_size else math.inf for c in range(k)]
-        pred = [-1] * k
-        for _ in range(k - 1):
-            for i in range(k):
-                for j in range(k):
-                    if best[i] + edge[i][j] < best[j] - tol:
-                        best[j], pred[j] = best[i] + edge[i][j], i
-        j, path = min(deficient, key=best.__getitem__), []
-        while pred[j] != -1 and len(path) < k:
-            path.append((pred[j], j))
-            j = pred[j]
-        if not path or counts[j] <= min_size:  # cannot happen while k * min_size <= n
-            raise RuntimeError("constrained assignment: no augmenting path from a cluster with spare points")
-        moves = [(cheapest(i, j)[1], i, j) for i, j in path]  # distinct clusters, hence distinct points
-        for x, i, j in moves:
-            lab[x] = j
-            counts[i] -= 1
-            counts[j] += 1
-            for t in range(k):
-                if t != j:
-                    heapq.heappush(arrivals[j][t], (d[x][t] - d[x][j], x))
+        total = weights.sum(1, keepdim=True)
+        u = torch.rand(n_init, trials, generator=gen, dtype=torch.float64) * total
+        cand = torch.searchsorted(weights.cumsum(1), u, right=True).clamp_(max=n - 1)  # [runs, trials]
+        flat = (total <= 0).squeeze(1)  # fewer distinct points than centres: any point will do
+        if bool(flat.any()):
+            cand[flat] = torch.randint(n, (int(flat.sum()), trials), generator=gen)
+        cand_dist = _sq_dists(points, sq_norms, points[cand.flatten().to(points.device)])
+        cand_dist = cand_dist.T.reshape(n_init, trials, n)
+        options = torch.cat([dist.unsqueeze(1).expand(-1, trials, -1, -1), cand_dist.unsqueeze(3)], 3)
+        options = options.flatten(0, 1)  # [runs * trials, n, centres + 1]
+        labels = assign(options, min_size)
+        costs = options.gather(2, labels.unsqueeze(2)).squeeze(2).sum(1, dtype=torch.float64)
+        best = costs.view(n_init, trials).argmin(1).cpu()  # ties: the first candidate
+        chosen.append(cand[runs, best])
+        picked = cand_dist[runs.to(points.device), best.to(points.device)]  # [runs, n]
+        dist = torch.cat([dist, picked.unsqueeze(2)], 2)
+        closest = torch.minimum(closest, picked)
+    return points[torch.stack(chosen, 1).to(points.device)]
 
 
 # ----------------------------------------------------------------------------------------------- k-means
 def constrained_kmeans(points: torch.Tensor, k: int, min_size: int, *, seed: int = 0, n_init: int = 10,
-                       max_iter: int = 100) -> tuple[torch.LongTensor, torch.Tensor, float]:
+                       max_iter: int = 100, tol: float = 1e-4) -> tuple[torch.LongTensor, torch.Tensor, float]:
     """k-means with every cluster holding at least `min_size` points. Returns (labels [n], centroids [k, d], inertia).
 
     ``labels`` (int64) and ``centroids`` (float32, the means of their clusters) are on ``points``' device;
     ``inertia`` is the sum of squared distances of the points to their centroids, lowest of ``n_init`` runs.
+    A run stops when its assignment no longer changes, when its centroids move by at most ``tol`` times the
+    mean per-feature variance of the points (summed squared shift: scikit-learn's and k-means-constrained's
+    criterion, with their default ``tol``), or after ``max_iter`` rounds.
     """
     if points.dim() != 2:
         raise ValueError(f"points must be a 2-D [n, d] tensor, got shape {tuple(points.shape)}.")
@@ -207,55 +119,77 @@ def constrained_kmeans(points: torch.Tensor, k: int, min_size: int, *, seed: int
                              ("max_iter", max_iter, 1)):
         if not isinstance(value, Integral) or isinstance(value, bool) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+    if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol >= 0:
+        raise ValueError(f"tol must be a number >= 0, got {tol!r}.")
     if k > n or k * min_size > n:
         raise ValueError(f"cannot make k={k} clusters of at least min_size={min_size} points from n={n} "
                          "points; lower k or min_size.")
     x = points.detach().to(torch.float32)
-    if not bool(torch.isfinite(x).all()):
+    if not _all_finite(x):
         raise ValueError("points contain NaN or Inf values; clean the input before clustering.")
     sq_norms = x.pow(2).sum(1)
     gen = torch.Generator().manual_seed(int(seed))
-    starts = [_kmeans_pp(x, sq_norms, k, min_size, gen) for _ in range(n_init)]  # the draws in restart order
-    labels, centroids = _lloyd(x, sq_norms, starts, min_size, max_iter)
+    starts = _kmeans_pp(x, sq_norms, k, min_size, gen, n_init)
+    # mean per-feature variance = (mean ||x||^2 - ||mean x||^2) / d
+    mean_var = (float(sq_norms.sum(dtype=torch.float64)) / n - float(x.mean(0).double().pow(2).sum())) / x.shape[1]
+    shift_tol = tol * max(mean_var, 0.0)
+    labels, centroids = _lloyd(x, sq_norms, starts, min_size, max_iter, shift_tol)
     # Every centroid is the mean of its points, so a restart's inertia is sum ||x||^2 - sum_c n_c ||c||^2:
     # the restarts are ranked without a pass over the points, and only the winner's is computed directly.
     total = float(sq_norms.sum(dtype=torch.float64))
-    ranked = [total - float((torch.bincount(lab, minlength=k).double() * cen.double().pow(2).sum(1)).sum())
-              for lab, cen in zip(labels, centroids)]
-    best = min(range(n_init), key=ranked.__getitem__)
+    sizes = torch.stack([torch.bincount(lab, minlength=k) for lab in labels]).double()
+    ranked = total - (sizes * centroids.double().pow(2).sum(2)).sum(1)
+    best = int(ranked.argmin())  # ties: the first restart
     inertia = float(_own_sq_dists(x, centroids[best], labels[best]).sum(dtype=torch.float64))
     return labels[best], centroids[best], inertia
 
 
-def _lloyd(x: torch.Tensor, sq_norms: torch.Tensor, starts: list[torch.Tensor], min_size: int,
-           max_iter: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Lloyd iterations (constrained assignment, then means) of all restarts at once: one distance matmul
-    and one one-hot means matmul per round for every restart still moving, instead of one per restart. Each
-    restart stops when its assignment no longer changes (or after ``max_iter`` rounds) and is left as it is;
-    every restart runs exactly the iterations it would run alone."""
-    n, k = x.shape[0], starts[0].shape[0]
-    centroids, labels = list(starts), [None] * len(starts)
-    moving = list(range(len(starts)))
-    rows = torch.arange(n, device=x.device)
-    for _ in range(max_iter):
-        dist = _sq_dists(x, sq_norms, torch.cat([centroids[i] for i in moving]))  # [n, len(moving) * k]
-        still = []
-        for j, i in enumerate(moving):
-            new = _assign(dist[:, j * k:(j + 1) * k].contiguous(), min_size)
-            if labels[i] is None or not torch.equal(new, labels[i]):
-                labels[i] = new
-                still.append(i)
-        moving = still
-        if not moving:
+def _lloyd(x: torch.Tensor, sq_norms: torch.Tensor, starts: torch.Tensor, min_size: int, max_iter: int,
+           shift_tol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd iterations (constrained assignment, then means) of all restarts at once: one distance matmul and
+    one batched assignment per round for every restart still moving. The means come from per-cluster sums
+    (float64): one one-hot matmul in the first round, then only the points that changed cluster are added
+    and removed. A restart stops when its assignment no longer changes or its centroids move by at most
+    ``shift_tol`` (or after ``max_iter`` rounds) and is left as it is: every restart runs exactly the
+    iterations it would run alone. Returns ``labels [runs, n]`` and ``centroids [runs, k, d]``, each centroid
+    the mean of its points."""
+    n, (runs, k, d) = x.shape[0], starts.shape
+    centroids = starts.clone()
+    labels = torch.full((runs, n), -1, dtype=torch.long, device=x.device)
+    sums = torch.zeros(runs * k, d, dtype=torch.float64, device=x.device)  # row j * k + c: cluster c of run j
+    sizes = torch.zeros(runs * k, dtype=torch.float64, device=x.device)
+    moving = torch.arange(runs, device=x.device)
+    for step in range(max_iter):
+        m = len(moving)
+        dist = _sq_dists(x, sq_norms, centroids[moving].reshape(m * k, d))  # [n, m * k]
+        new = assign(dist.view(n, m, k).transpose(0, 1), min_size)  # [m, n]
+        old_labels = labels[moving]
+        changed = (new != old_labels).any(1)
+        labels[moving] = new
+        moving, new, old_labels = moving[changed], new[changed], old_labels[changed]
+        if not len(moving):
             break
-        onehot = x.new_zeros(n, len(moving) * k)
-        for j, i in enumerate(moving):
-            onehot[rows, labels[i] + j * k] = 1.0
-        counts = onehot.sum(0)
-        means = (onehot.T @ x) / counts.clamp(min=1.0).unsqueeze(1)
-        for j, i in enumerate(moving):  # an empty cluster (only when min_size == 0) keeps its old centroid
-            block = slice(j * k, (j + 1) * k)
-            centroids[i] = torch.where(counts[block].unsqueeze(1) > 0, means[block], centroids[i])
+        m, slots = len(moving), k * moving.unsqueeze(1)
+        if step == 0:  # every run: sums from scratch
+            onehot = x.new_zeros(n, m * k)
+            onehot.scatter_(1, (new + k * torch.arange(m, device=x.device).unsqueeze(1)).T, 1.0)
+            sums[:] = (onehot.T @ x).double()
+            sizes[:] = onehot.sum(0).double()
+        else:  # only the points that moved
+            run, point = (new != old_labels).nonzero(as_tuple=True)
+            moved = x[point].double()
+            for rows, sign in (((slots + new)[run, point], 1.0), ((slots + old_labels)[run, point], -1.0)):
+                sums.index_add_(0, rows, moved, alpha=sign)
+                sizes.index_add_(0, rows, torch.full_like(rows, sign, dtype=torch.float64))
+        cluster = (slots + torch.arange(k, device=x.device)).flatten()
+        count = sizes[cluster].view(m, k, 1)
+        old = centroids[moving]
+        # an empty cluster (only when min_size == 0) keeps its old centroid
+        updated = torch.where(count > 0, (sums[cluster].view(m, k, d) / count.clamp(min=1.0)).float(), old)
+        centroids[moving] = updated
+        moving = moving[(updated - old).pow(2).sum((1, 2)) > shift_tol]
+        if not len(moving):
+            break
     return labels, centroids
 
 
@@ -297,7 +231,7 @@ def _check_select_args(weight, k, r, selection, distance, min_size) -> None:
     if k * min_size > d_out:
         raise ValueError(f"num_clusters * min_cluster_size = {k} * {min_size} = {k * min_size} exceeds "
                          f"d_out = {d_out} rows; lower min_cluster_size or num_clusters.")
-    if not bool(torch.isfinite(weight.detach()).all()):
+    if not _all_finite(weight.detach()):
         raise ValueError("weight contains NaN or Inf values; select rows from a finite (pretrained) weight.")
 
 

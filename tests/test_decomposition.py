@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import smollm2_or_skip
 
-from idlora_trl import decomposition as dec
+from idlora_trl import assignment
 from idlora_trl.decomposition import constrained_kmeans, select_rows
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -194,11 +194,11 @@ def test_optimal_cost_formulation_matches_brute_force():
 @pytest.mark.parametrize("path", ["prices", "shortest_paths"])
 def test_assignment_is_exact(path, monkeypatch):
     repairs = []
-    original = dec._shortest_path_repair
-    monkeypatch.setattr(dec, "_shortest_path_repair", lambda *a: repairs.append(1) or original(*a))
+    original = assignment.shortest_path_repair
+    monkeypatch.setattr(assignment, "shortest_path_repair", lambda *a: repairs.append(1) or original(*a))
     trials = 240
     for dist, m in _assignment_problems(trials, seed=0 if path == "prices" else 1):
-        labels = dec._assign(torch.tensor(dist, dtype=torch.float32), m,
+        labels = assignment.assign(torch.tensor(dist, dtype=torch.float32), m,
                              max_rounds=None if path == "prices" else 0).numpy()
         assert np.bincount(labels, minlength=dist.shape[1]).min() >= m
         cost = dist[np.arange(len(labels)), labels].sum()
@@ -358,3 +358,22 @@ def test_pmrc_qr_keeps_pmrc_clusters_and_conditions_better():
         return float(s[0] / s[-1])
 
     assert condition(qr) < condition(pmrc)
+
+
+def test_batched_assignment_is_exact_per_problem():
+    """k-means runs its restarts' (and seeding candidates') assignments as one batch: each problem of the batch
+    must get its own optimum, whatever the others need (some feasible at once, some needing many rounds)."""
+    g = np.random.default_rng(3)
+    for k, m, n in ((3, 5, 20), (4, 6, 30), (5, 2, 16)):
+        problems = []
+        for kind in range(24):
+            dist = g.random((n, k))
+            if kind % 3 == 1:
+                dist[:, 0] *= 0.05  # every other cluster short of points
+            elif kind % 3 == 2:
+                dist = g.integers(0, 3, (n, k)).astype(np.float64)  # ties
+            problems.append(dist)
+        labels = assignment.assign(torch.tensor(np.stack(problems), dtype=torch.float32), m).numpy()
+        for dist, lab in zip(problems, labels):
+            assert np.bincount(lab, minlength=k).min() >= m
+            assert dist[np.arange(n), lab].sum() == pytest.approx(optimal_cost(dist, m), rel=1e-5, abs=1e-5)

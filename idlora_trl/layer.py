@@ -200,11 +200,11 @@ class IDLoRALayer(BaseTunerLayer):
         router = self.idlora_T[adapter_name]
         if self.is_static(adapter_name):
             return router(gathered)
-        alpha = router(gathered)  # [..., k, 1]
+        alpha = gathered @ router.weight[0]  # [..., k]: <T, x_i> (the router is nn.Linear(r, 1) for its state)
         if self.router_norm[adapter_name] == "rms":
-            mean_square = gathered.square().mean(dim=(-2, -1), keepdim=True)
+            mean_square = gathered.square().mean(dim=(-2, -1)).unsqueeze(-1)
             alpha = alpha * torch.rsqrt(mean_square * self.r[adapter_name] + RMS_EPS)
-        return (alpha.transpose(-1, -2) @ gathered).squeeze(-2)
+        return (alpha.unsqueeze(-2) @ gathered).squeeze(-2)  # one batched [1, k] x [k, r] product per token
 
     def _mixed_input(self, adapter_name: str, base_out: torch.Tensor) -> torch.Tensor:
         """`v` (float32, `[..., r]`, after dropout) from the base layer's output `W h + b`."""
@@ -216,24 +216,33 @@ class IDLoRALayer(BaseTunerLayer):
         if bias is not None:
             gathered = gathered - bias.index_select(0, flat).float()
         gathered = gathered.unflatten(-1, (k, r))  # x_i = A_i h, [..., k, r]
-        return self.idlora_dropout[adapter_name](self._mixed(adapter_name, gathered))
+        v = self._mixed(adapter_name, gathered)
+        self._check_finite(adapter_name, base_out, v)
+        return self.idlora_dropout[adapter_name](v)
 
-    def _check_finite(self, active: list[str], base_out: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def _check_finite(self, adapter_name: str, base_out: torch.Tensor, v: torch.Tensor) -> None:
         """With the paper's router the update is quadratic in the activations and can overflow where LoRA's does
-        not: a finite base output made non-finite by the adapter is an error naming the module, not a silent NaN.
-        (Only for `router_norm="none"`: the check costs a reduction per layer.)"""
-        paper = [name for name in active if self.router_norm[name] == "none"]
-        if paper and not bool(torch.isfinite(out).all()) and bool(torch.isfinite(base_out).all()):
-            T = max(self.idlora_T[name].weight.abs().max().item() for name in paper)
-            B = max(self.idlora_B[name].weight.abs().max().item() for name in paper)
-            raise FloatingPointError(
-                f"ID-LoRA adapter(s) {paper} on module {self.module_name!r} turned a finite output into inf/NaN "
-                f"(max |W h| = {base_out.abs().max().item():.3g}, max |T| = {T:.3g}, max |B| = {B:.3g}). With "
-                "router_norm='none' (the paper's router) the update is quadratic in the activations and overflows "
-                "at this scale. Use router_norm='rms' (scale-free: the update is linear in the activations, like "
-                "LoRA's; the default 'none' is the paper's router), or a lower learning rate."
-            )
-        return out
+        not: an adapter that turns a finite base output into inf/NaN is an error naming the module, not a silent
+        NaN. Checked on the small `v` (`[..., r]`) and a bound on `B v`, not on the `[..., d_out]` output: one
+        reduction of r values per token and one host sync per layer (only for `router_norm="none"`)."""
+        if self.router_norm[adapter_name] != "none":
+            return
+        B = self.idlora_B[adapter_name].weight
+        v_max, b_max = torch.stack([v.detach().abs().amax(), B.detach().abs().amax()]).tolist()
+        s, width = abs(self.scaling[adapter_name]), self.r[adapter_name] // self.rank_boost[adapter_name]
+        if math.isfinite(v_max) and v_max * b_max * width * s < torch.finfo(torch.float32).max:
+            return  # every entry of s * B v is finite
+        update = nn.functional.linear(v.detach().unflatten(-1, (-1, width)).to(B.dtype), B.detach())
+        if bool(torch.isfinite(update * s).all()) or not bool(torch.isfinite(base_out).all()):
+            return
+        T = self.idlora_T[adapter_name].weight.abs().max().item()
+        raise FloatingPointError(
+            f"ID-LoRA adapter {adapter_name!r} on module {self.module_name!r} turned a finite output into inf/NaN "
+            f"(max |W h| = {base_out.abs().max().item():.3g}, max |T| = {T:.3g}, max |B| = {b_max:.3g}). With "
+            "router_norm='none' (the paper's router) the update is quadratic in the activations and overflows "
+            "at this scale. Use router_norm='rms' (scale-free: the update is linear in the activations, like "
+            "LoRA's; the default 'none' is the paper's router), or a lower learning rate."
+        )
 
     def _update(self, adapter_name: str, base_out: torch.Tensor) -> torch.Tensor:
         """`s * concat_j(B v_j)` in float32, from the base layer's output `W h + b`."""
@@ -246,12 +255,18 @@ class IDLoRALayer(BaseTunerLayer):
     def _fused_forward(self, adapter_name: str, base_out: torch.Tensor) -> torch.Tensor:
         """`base_out + s * concat_j(B v_j)` as one `addmm`: with a float32 base output the f blocks of B are a
         `[N f, r/f] x [r/f, d_out/f]` product added onto `base_out` viewed as `[N f, d_out/f]` (same values as
-        `_update` plus the add, without the three intermediate `[N, d_out]` tensors)."""
+        `_update` plus the add, without the three intermediate `[N, d_out]` tensors). When autograd does not
+        record (inference, evaluation) the product is added into `base_out` itself, a fresh tensor of the base
+        layer: no new `[N, d_out]` output is written."""
         with float32_region(base_out):
             v = self._mixed_input(adapter_name, base_out)
             weight = self.idlora_B[adapter_name].weight  # [d_out/f, r/f]
-            out = torch.addmm(base_out.reshape(-1, weight.shape[0]), v.reshape(-1, weight.shape[1]), weight.t(),
-                              alpha=self.scaling[adapter_name])
+            rows, product = v.reshape(-1, weight.shape[1]), weight.t()
+            if not (torch.is_grad_enabled() and (base_out.requires_grad or v.requires_grad)) \
+                    and base_out.is_contiguous():
+                base_out.view(-1, weight.shape[0]).addmm_(rows, product, alpha=self.scaling[adapter_name])
+                return base_out
+            out = torch.addmm(base_out.reshape(-1, weight.shape[0]), rows, product, alpha=self.scaling[adapter_name])
         return out.view(base_out.shape)
 
     def idlora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -269,14 +284,12 @@ class IDLoRALayer(BaseTunerLayer):
             return base_out
         if (len(active) == 1 and base_out.dtype == torch.float32
                 and self.idlora_B[active[0]].weight.dtype == torch.float32):
-            out = self._fused_forward(active[0], base_out)  # one float32 adapter
-        else:
-            update = None
-            for name in active:
-                delta = self._update(name, base_out)  # every adapter reads the base output, never another's
-                update = delta if update is None else update + delta
-            out = base_out + update.to(base_out.dtype)
-        return self._check_finite(active, base_out, out)
+            return self._fused_forward(active[0], base_out)  # one float32 adapter
+        update = None
+        for name in active:
+            delta = self._update(name, base_out)  # every adapter reads the base output, never another's
+            update = delta if update is None else update + delta
+        return base_out + update.to(base_out.dtype)
 
     # ------------------------------------------------------------------ merging (static router only)
 

@@ -11,10 +11,14 @@ from idlora_trl import IDLoRAConfig
 from idlora_trl.layer import IDLoRALayer
 
 
+GRAD_MODES = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
+
+
+@pytest.mark.parametrize("mode", list(GRAD_MODES))  # no_grad / inference_mode add the update in place
 @pytest.mark.parametrize("router", ["token", "static"])
 @pytest.mark.parametrize("rank_boost", [1, 2])
 @pytest.mark.parametrize("bias", [False, True])
-def test_forward_matches_dense_reference(router, rank_boost, bias):
+def test_forward_matches_dense_reference(router, rank_boost, bias, mode):
     model = make_llama(bias=bias)
     if bias:  # tiny Llama initialises biases to zero: without this the bias handling would go untested
         set_nonzero_biases(model)
@@ -38,7 +42,8 @@ def test_forward_matches_dense_reference(router, rank_boost, bias):
             module.idlora_B["default"].weight, module.idlora_T["default"].weight, router, rank_boost,
             12 / 8, h,
         )
-        got = module(h)
+        with GRAD_MODES[mode]():
+            got = module(h)
         assert got.dtype == torch.float32
         torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
         # the update is really there (B != 0), so a broken update path could not pass
@@ -48,7 +53,8 @@ def test_forward_matches_dense_reference(router, rank_boost, bias):
     assert checked == 4
 
 
-def test_conv1d_forward_matches_dense_reference():
+@pytest.mark.parametrize("mode", list(GRAD_MODES))
+def test_conv1d_forward_matches_dense_reference(mode):
     model = set_nonzero_biases(make_gpt2())  # GPT-2 initialises its Conv1D biases to zero
     peft_model = get_peft_model(model, IDLoRAConfig(r=8, num_clusters=4, init_weights=False,
                                                     target_modules=["c_attn", "c_fc"]))
@@ -61,7 +67,9 @@ def test_conv1d_forward_matches_dense_reference():
         expected = dense_reference(base.weight.T, base.bias, module.idlora_indices["default"],
                                    module.idlora_B["default"].weight, module.idlora_T["default"].weight,
                                    "token", 2, 1.0, h)
-        torch.testing.assert_close(module(h).double(), expected, rtol=1e-5, atol=1e-5)
+        with GRAD_MODES[mode]():
+            got = module(h)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_adapter_path_runs_in_float32_under_bf16_base():
@@ -166,8 +174,9 @@ def test_token_router_refuses_to_merge_and_unloads(tokens):
     assert torch.equal(unloaded(tokens).logits, expected)
 
 
+@pytest.mark.parametrize("mode", list(GRAD_MODES))
 @pytest.mark.parametrize("rank_boost", [1, 2])
-def test_rms_router_matches_dense_reference_with_bias(rank_boost):
+def test_rms_router_matches_dense_reference_with_bias(rank_boost, mode):
     """router_norm="rms": alpha_i = <T, x_i> / (sqrt(r) rms(x)), written out in float64 on a Linear whose bias is
     non-zero (x_i must not contain it)."""
     torch.manual_seed(0)
@@ -189,7 +198,9 @@ def test_rms_router_matches_dense_reference_with_bias(rank_boost):
     v = (alpha.unsqueeze(2) * x).sum(1)                                   # [n, r]
     B = layer.idlora_B["default"].weight.double()
     expected = h.double() @ W.T + b + scaling * v @ torch.block_diag(*[B] * rank_boost).T
-    torch.testing.assert_close(layer(h).double(), expected, rtol=1e-5, atol=1e-5)
+    with GRAD_MODES[mode]():
+        got = layer(h)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
     # the update is linear in the activations: doubling h doubles it (the paper's router would quadruple it)
     update = lambda inputs: layer(inputs).double() - (inputs.double() @ W.T + b)  # noqa: E731
     torch.testing.assert_close(update(2 * h), 2 * update(h), rtol=1e-4, atol=1e-4)

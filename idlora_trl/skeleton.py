@@ -11,8 +11,9 @@ In order of preference per layer:
 
 Clustering in several processes (DDP, DeepSpeed ZeRO-3): modules are dealt round-robin to the ranks. For each
 group of `world_size` modules, every rank enters the weight context of every module in the same order (under
-ZeRO-3 that is a collective gather) and keeps a copy of its own module only, so at most one gathered weight
-plus one copy is held at a time; then each rank clusters its module, in parallel. An error on any rank is
+ZeRO-3 that is a collective gather) and keeps a float32 copy of its own module only, so at most one gathered
+weight is held at a time, plus this rank's copies of the current window (about `COPY_BUDGET_BYTES`); at the end
+of each window every rank clusters its copies, in parallel. An error on any rank is
 shared before the results are, so every rank raises it and none waits forever. `idlora_sync_indices` then
 gives every rank every table.
 """
@@ -34,6 +35,11 @@ from .plugins import check_selection, get_plugin_manager
 __all__ = ["decompose", "fill_indices", "get_indices", "idlora_layers"]
 
 logger = logging.get_logger(f"transformers.{__name__}")  # under transformers: its verbosity applies
+
+# With several ranks, each rank keeps float32 copies of its modules' weights until it has about this many bytes
+# of them, then clusters them all: ranks wait for each other once per window instead of once per group of
+# `world_size` modules (a group waits for its slowest module). One rank clusters each weight at once.
+COPY_BUDGET_BYTES = 1 << 30
 
 
 def rank_and_world_size() -> tuple[int, int]:
@@ -90,27 +96,35 @@ def decompose_layers(layers: list[tuple[str, IDLoRALayer]], adapter_name: str, c
     error: Optional[str] = None
     bar = logging.tqdm(total=len(layers), desc=f"ID-LoRA decomposition ({config.selection})", unit="module",
                        disable=rank != 0 or None)
+    pending: list[tuple[str, torch.Tensor]] = []  # this rank's copies not yet clustered
+    window, window_modules = 0.0, 0
     for offset in range(0, len(layers), world):
-        group, own = layers[offset: offset + world], None
+        group = layers[offset: offset + world]
         for j, (name, layer) in enumerate(group):
             base = layer.get_base_layer()
             with hook.idlora_weight_context(module=base, module_name=name):
                 if j == rank and error is None:  # keep a float32 copy: the context may free the weight
                     try:
-                        own = (name, weight_rows(base).detach().to(torch.float32, copy=True))
+                        pending.append((name, weight_rows(base).detach().to(torch.float32, copy=True)))
                     except Exception as exc:  # e.g. out of memory: shared below like a clustering error
                         error = f"ID-LoRA could not copy the weight of module {name!r} on rank {rank}: {exc}"
-        if own is not None:
-            name, weight = own
-            try:
-                indices = hook.idlora_select_rows(weight=weight, module_name=name, config=config)
-                if indices is None:
-                    raise ValueError(f"no plugin implements selection={config.selection!r}")
-                mine[name] = torch.as_tensor(indices).cpu()
-            except Exception as exc:  # reported on every rank below, never left to hang the others
-                error = f"ID-LoRA decomposition of module {name!r} failed on rank {rank}: {exc}"
-            del weight, own
-        bar.update(len(group))
+        # Every rank computes the same window (from the shapes alone), so all ranks cluster at the same points
+        # and wait for each other once per window, not once per group of `world` modules.
+        window += sum(4 * lay.out_features * lay.in_features for _, lay in group) / world
+        window_modules += len(group)
+        if window >= (COPY_BUDGET_BYTES if world > 1 else 0) or offset + world >= len(layers):
+            for name, weight in pending:
+                if error is None:
+                    try:
+                        indices = hook.idlora_select_rows(weight=weight, module_name=name, config=config)
+                        if indices is None:
+                            raise ValueError(f"no plugin implements selection={config.selection!r}")
+                        mine[name] = torch.as_tensor(indices).cpu()
+                    except Exception as exc:  # reported on every rank below, never left to hang the others
+                        error = f"ID-LoRA decomposition of module {name!r} failed on rank {rank}: {exc}"
+            pending.clear()
+            bar.update(window_modules)
+            window, window_modules = 0.0, 0
     bar.close()
     raise_if_any_rank_failed(error, world)
     computed = hook.idlora_sync_indices(indices=mine, owners=owners, adapter_name=adapter_name)

@@ -162,7 +162,7 @@ def _lloyd(x: torch.Tensor, sq_norms: torch.Tensor, starts: torch.Tensor, min_si
     for step in range(max_iter):
         m = len(moving)
         dist = _sq_dists(x, sq_norms, centroids[moving].reshape(m * k, d))  # [n, m * k]
-        new = assign(dist.view(n, m, k).transpose(0, 1), min_size)  # [m, n]
+        new = assign(dist.view(n, m, k).transpose(0, 1).contiguous(), min_size)  # [m, n]; contiguous: fast argmin
         old_labels = labels[moving]
         changed = (new != old_labels).any(1)
         labels[moving] = new

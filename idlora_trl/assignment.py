@@ -26,6 +26,7 @@ from __future__ import annotations
 import heapq
 import math
 
+import numpy as np
 import torch
 
 __all__ = ["assign", "shortest_path_repair"]
@@ -91,21 +92,19 @@ def shortest_path_repair(dist: torch.Tensor, labels: torch.Tensor, min_size: int
     ``labels`` is optimal for its own counts (true for any ``argmin(dist - lam)``) and clusters above
     ``min_size`` have zero price (true after the price rounds of :func:`assign`).
 
-    Runs in float64 on the CPU (``dist`` is only ``[n, k]``). The members of each cluster are ranked once
-    by the cost of moving them to each other cluster, so an augmentation costs about O(k^3 + k^2 log n):
+    Runs in float64 on the CPU, in numpy and Python (``dist`` is only ``[n, k]``). The members of each cluster
+    are ranked once by the cost of moving them to each other cluster, so an augmentation costs about O(k^3 + k^2 log n):
     Bellman-Ford over the k clusters (edge i -> j = cheapest move from i to j), one point moved per edge."""
-    k = dist.shape[1]
-    dd, lab_t = dist.double().cpu(), labels.cpu()
-    d, lab = dd.tolist(), lab_t.tolist()
-    tol = 1e-9 * float(dd.abs().max())  # ignore float32 round-off "improvements" (no spurious cycles)
-    counts = torch.bincount(lab_t, minlength=k).tolist()
-    # ranked[i][j]: the initial members of i by ascending cost of moving them to j (read with a pointer
-    # that skips points gone from i); arrivals[i][j]: a heap of (cost, point) for points that joined i later.
-    ranked = []
-    for i in range(k):
-        members = (lab_t == i).nonzero().squeeze(1)
-        moves = dd[members] - dd[members, i:i + 1]
-        ranked.append(members[moves.argsort(dim=0, stable=True)].T.tolist())
+    n, k = dist.shape
+    dd, lab_np = dist.detach().double().cpu().numpy(), labels.cpu().numpy()
+    d, lab = dd.tolist(), lab_np.tolist()
+    tol = 1e-9 * float(np.abs(dd).max())  # ignore float32 round-off "improvements" (no spurious cycles)
+    counts = np.bincount(lab_np, minlength=k).tolist()
+    # ranked[i][j]: the initial members of i by ascending cost of moving them to j, ties by row index (read with
+    # a pointer that skips points gone from i); arrivals[i][j]: a heap of (cost, point) for points that joined
+    # i later. One stable sort of every point's move costs, split by cluster.
+    order = np.argsort(dd - dd[np.arange(n), lab_np][:, None], axis=0, kind="stable")  # [n, k]
+    ranked = [[order[lab_np[order[:, j]] == i, j].tolist() for j in range(k)] for i in range(k)]
     ptr = [[0] * k for _ in range(k)]
     arrivals: list[list[list[tuple[float, int]]]] = [[[] for _ in range(k)] for _ in range(k)]
 
@@ -124,7 +123,7 @@ def shortest_path_repair(dist: torch.Tensor, labels: torch.Tensor, min_size: int
     while True:
         deficient = [c for c in range(k) if counts[c] < min_size]
         if not deficient:
-            return torch.tensor(lab, dtype=torch.int64, device=labels.device)
+            return torch.as_tensor(np.asarray(lab, dtype=np.int64), device=labels.device)
         edge = [[cheapest(i, j)[0] if i != j else math.inf for j in range(k)] for i in range(k)]
         best = [0.0 if counts[c] > min_size else math.inf for c in range(k)]
         pred = [-1] * k

@@ -72,10 +72,12 @@ def _kmeans_pp(points: torch.Tensor, sq_norms: torch.Tensor, k: int, min_size: i
     cost of the *constrained* assignment of all points to the centres so far. Without a binding constraint this
     is plain greedy k-means++; with one, it stops k-means++ from seeding isolated outlier rows that the
     constraint would then force to absorb ``min_size`` ordinary rows each (a poor local optimum that Lloyd
-    iterations cannot leave). The restarts' candidates are scored together: one distance matmul and one
-    batched assignment per centre."""
+    iterations cannot leave). The restarts' candidates are scored together: one distance matmul per centre and
+    a few batched assignments (:func:`_best_candidates`). Twice scikit-learn's ``2 + ln k`` candidates: with a
+    binding constraint the greedy choice among more candidates escapes outlier seeds more often (a test case of
+    one large blob and three tiny ones: 39% of restarts reach the best optimum against 16%)."""
     n, runs = points.shape[0], torch.arange(n_init)
-    trials = 2 * (2 + int(math.log(k)))  # twice scikit-learn's count: see the docstring
+    trials = 2 * (2 + int(math.log(k)))
     chosen = [torch.randint(n, (n_init,), generator=gen)]
     dist = _sq_dists(points, sq_norms, points[chosen[0].to(points.device)]).T.unsqueeze(2)  # [runs, n, centres]
     closest = dist[:, :, 0]
@@ -90,15 +92,40 @@ def _kmeans_pp(points: torch.Tensor, sq_norms: torch.Tensor, k: int, min_size: i
         cand_dist = _sq_dists(points, sq_norms, points[cand.flatten().to(points.device)])
         cand_dist = cand_dist.T.reshape(n_init, trials, n)
         options = torch.cat([dist.unsqueeze(1).expand(-1, trials, -1, -1), cand_dist.unsqueeze(3)], 3)
-        options = options.flatten(0, 1)  # [runs * trials, n, centres + 1]
-        labels = assign(options, min_size)
-        costs = options.gather(2, labels.unsqueeze(2)).squeeze(2).sum(1, dtype=torch.float64)
-        best = costs.view(n_init, trials).argmin(1).cpu()  # ties: the first candidate
+        best = _best_candidates(options, min_size).cpu()  # [runs]
         chosen.append(cand[runs, best])
         picked = cand_dist[runs.to(points.device), best.to(points.device)]  # [runs, n]
         dist = torch.cat([dist, picked.unsqueeze(2)], 2)
         closest = torch.minimum(closest, picked)
     return points[torch.stack(chosen, 1).to(points.device)]
+
+
+def _best_candidates(options: torch.Tensor, min_size: int) -> torch.Tensor:
+    """Each run's candidate (``options``: ``[runs, trials, n, centres]`` costs) with the lowest constrained
+    assignment cost, ties to the first, scoring as few candidates as possible: the unconstrained cost (every
+    point at its nearest centre) is a lower bound of the constrained one, equal to it when that assignment is
+    feasible. First each run's candidate of lowest bound is scored (one batched assignment), then, in a second
+    batch, every other candidate whose bound does not exceed its run's best cost. Same choice as scoring every
+    candidate."""
+    runs, trials = options.shape[:2]
+    bound = options.amin(3).sum(2, dtype=torch.float64)  # [runs, trials]
+    first = bound.argmin(1)  # ties: the first candidate
+    every = torch.arange(runs, device=options.device)
+    problems = options[every, first]
+    best_cost = problems.gather(2, assign(problems, min_size).unsqueeze(2)).squeeze(2).sum(1, dtype=torch.float64)
+    index = torch.arange(trials, device=options.device).expand(runs, -1)
+    # a candidate can still win: its bound is below the best cost, or equal to it with a lower index
+    open_ = (bound < best_cost.unsqueeze(1)) | ((bound == best_cost.unsqueeze(1)) & (index < first.unsqueeze(1)))
+    open_[every, first] = False
+    run, cand = open_.nonzero(as_tuple=True)
+    if not len(run):
+        return first
+    problems = options[run, cand]
+    cost = problems.gather(2, assign(problems, min_size).unsqueeze(2)).squeeze(2).sum(1, dtype=torch.float64)
+    costs = torch.full((runs, trials), math.inf, dtype=torch.float64, device=options.device)
+    costs[every, first] = best_cost
+    costs[run, cand] = cost
+    return costs.argmin(1)  # unscored candidates cannot win (their cost >= bound > best); ties: the first
 
 
 # ----------------------------------------------------------------------------------------------- k-means

@@ -29,6 +29,7 @@ from .precision import adapter_dtype, float32_region, keep_float32
 
 PLACEHOLDER = -1
 RMS_EPS = 1e-12  # keeps rsqrt finite for an all-zero token (its alpha is 0 then: <T, 0> = 0)
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 class ClusterWeights(nn.Module):
@@ -83,6 +84,8 @@ class IDLoRALayer(BaseTunerLayer):
         self._merged_rows: dict[str, torch.Tensor] = {}
         # Adapters whose indices were checked since they last changed (a check costs a device sync).
         self._indices_checked: set[str] = set()
+        # max |B| per adapter for the overflow check, keyed by B's version and storage (recomputed when B changes).
+        self._B_max: dict[str, tuple[tuple[int, int], float]] = {}
         self.kwargs = kwargs
 
     def update_layer(self, adapter_name: str, config: IDLoRAConfig, inference_mode: bool = False) -> None:
@@ -200,11 +203,14 @@ class IDLoRALayer(BaseTunerLayer):
         router = self.idlora_T[adapter_name]
         if self.is_static(adapter_name):
             return router(gathered)
-        alpha = gathered @ router.weight[0]  # [..., k]: <T, x_i> (the router is nn.Linear(r, 1) for its state)
+        k, r = gathered.shape[-2:]
+        rows = gathered.reshape(-1, k, r)
+        alpha = torch.matmul(rows, router.weight[0])  # [tokens, k]: <T, x_i> (T is nn.Linear(r, 1) for its state)
         if self.router_norm[adapter_name] == "rms":
-            mean_square = gathered.square().mean(dim=(-2, -1)).unsqueeze(-1)
-            alpha = alpha * torch.rsqrt(mean_square * self.r[adapter_name] + RMS_EPS)
-        return (alpha.unsqueeze(-2) @ gathered).squeeze(-2)  # one batched [1, k] x [k, r] product per token
+            mean_square = rows.square().mean(dim=(-2, -1)).unsqueeze(-1)
+            alpha = alpha * torch.rsqrt(mean_square * r + RMS_EPS)
+        v = torch.bmm(alpha.unsqueeze(1), rows)  # one [1, k] x [k, r] product per token
+        return v.view(*gathered.shape[:-2], r)
 
     def _mixed_input(self, adapter_name: str, base_out: torch.Tensor) -> torch.Tensor:
         """`v` (float32, `[..., r]`, after dropout) from the base layer's output `W h + b`."""
@@ -212,7 +218,7 @@ class IDLoRALayer(BaseTunerLayer):
         k, r = self.num_clusters[adapter_name], self.r[adapter_name]
         flat = indices.reshape(-1)
         gathered = base_out.index_select(-1, flat).float()  # (W h + b)[idx]
-        bias = self.get_base_layer().bias
+        bias = self.base_layer.bias  # an nn.Linear or Conv1D (layer_shape refuses anything else)
         if bias is not None:
             gathered = gathered - bias.index_select(0, flat).float()
         gathered = gathered.unflatten(-1, (k, r))  # x_i = A_i h, [..., k, r]
@@ -227,12 +233,18 @@ class IDLoRALayer(BaseTunerLayer):
         reduction of r values per token and one host sync per layer (only for `router_norm="none"`)."""
         if self.router_norm[adapter_name] != "none":
             return
-        B = self.idlora_B[adapter_name].weight
-        v_max, b_max = torch.stack([v.detach().abs().amax(), B.detach().abs().amax()]).tolist()
+        B = self.idlora_B[adapter_name].weight.detach()
+        key = (B._version, B.data_ptr())  # an optimizer step or a load changes B in place: its version moves
+        cached = self._B_max.get(adapter_name)
+        if cached is None or cached[0] != key:
+            cached = self._B_max[adapter_name] = (key, B.abs().amax().item())
+        b_max = cached[1]
+        v_low, v_high = torch.stack(torch.aminmax(v.detach())).tolist()  # NaN propagates to both
+        v_max = max(-v_low, v_high)
         s, width = abs(self.scaling[adapter_name]), self.r[adapter_name] // self.rank_boost[adapter_name]
-        if math.isfinite(v_max) and v_max * b_max * width * s < torch.finfo(torch.float32).max:
+        if math.isfinite(v_low) and math.isfinite(v_high) and v_max * b_max * width * s < FLOAT32_MAX:  # NaN: no
             return  # every entry of s * B v is finite
-        update = nn.functional.linear(v.detach().unflatten(-1, (-1, width)).to(B.dtype), B.detach())
+        update = nn.functional.linear(v.detach().unflatten(-1, (-1, width)).to(B.dtype), B)
         if bool(torch.isfinite(update * s).all()) or not bool(torch.isfinite(base_out).all()):
             return
         T = self.idlora_T[adapter_name].weight.abs().max().item()
@@ -279,11 +291,12 @@ class IDLoRALayer(BaseTunerLayer):
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         base_out = self.base_layer(x, *args, **kwargs)
-        active = [name for name in self.active_adapters if name in self.idlora_B]
+        adapters = self.idlora_B
+        active = [name for name in self.active_adapters if name in adapters]
         if not active:
             return base_out
         if (len(active) == 1 and base_out.dtype == torch.float32
-                and self.idlora_B[active[0]].weight.dtype == torch.float32):
+                and adapters[active[0]].weight.dtype == torch.float32):
             return self._fused_forward(active[0], base_out)  # one float32 adapter
         update = None
         for name in active:

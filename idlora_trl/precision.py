@@ -44,6 +44,8 @@ def keep_float32(module: nn.Module) -> None:
 def float32_region(tensor: torch.Tensor):
     """A context with autocast off on `tensor`'s device type (a no-op when autocast is not on)."""
     device_type = tensor.device.type
+    if device_type == "cpu" and not torch.is_autocast_enabled("cpu"):  # the common case, without try/except
+        return contextlib.nullcontext()
     try:
         enabled = torch.is_autocast_enabled(device_type)
     except (RuntimeError, TypeError):  # a device type autocast does not know

@@ -12,6 +12,7 @@ import torch
 from helpers import smollm2_or_skip
 
 from idlora_trl import assignment
+from idlora_trl import decomposition as dec
 from idlora_trl.decomposition import constrained_kmeans, select_rows
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -377,3 +378,17 @@ def test_batched_assignment_is_exact_per_problem():
         for dist, lab in zip(problems, labels):
             assert np.bincount(lab, minlength=k).min() >= m
             assert dist[np.arange(n), lab].sum() == pytest.approx(optimal_cost(dist, m), rel=1e-5, abs=1e-5)
+
+
+def test_seeding_candidates_scored_by_bound_pick_what_scoring_all_would():
+    """k-means++ scores candidate centres by their constrained cost, in order of a lower bound, stopping early: the
+    choice must be the one (ties: the first) that scoring every candidate picks."""
+    g = torch.Generator().manual_seed(4)
+    runs, trials, n, c, m = 12, 6, 40, 3, 10
+    options = torch.rand(runs, trials, n, c, generator=g)
+    options[::2, :, :, 0] *= 0.1  # half the runs: the constraint binds for every candidate
+    options[1::4, 2] = options[1::4, 4]  # exact ties between two candidates
+    flat = options.flatten(0, 1)
+    costs = flat.gather(2, assignment.assign(flat, m).unsqueeze(2)).squeeze(2).sum(1, dtype=torch.float64)
+    expected = costs.view(runs, trials).argmin(1)
+    assert torch.equal(dec._best_candidates(options, m), expected)

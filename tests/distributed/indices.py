@@ -6,6 +6,7 @@
    `get_peft_model`. Writes OUT/ddp_rank{R}.pt: the indices and the modules this rank clustered itself.
 2. ZeRO-3: the same weights in a model partitioned by `zero.Init` (`HfDeepSpeedConfig` alive, `from_config`),
    then a plain `get_peft_model`; the DeepSpeed plugin comes from the entry point. Writes OUT/zero3_rank{R}.pt.
+   Step 1 clusters all of a rank's copies in one window (the default budget), step 2 one group at a time.
 
 With `--fail-rank R`, only step 2 runs and a test plugin raises while rank R clusters its first module: every
 rank must end with an error (written to OUT/error_rank{R}.txt), none may hang. With `--crash` as well, rank R
@@ -83,6 +84,11 @@ def main() -> None:
         counter.modules.clear()
 
     rank, world = init_deepspeed()  # reuses the process group if there is one
+    from idlora_trl import skeleton
+
+    # A window of copies per group of `world` modules (clustered before the next gathers); the DDP run above
+    # held every copy in one window (the default budget): both must give the one-process indices.
+    skeleton.COPY_BUDGET_BYTES = 1
     import deepspeed
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig

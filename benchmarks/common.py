@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-SECTIONS = ("params", "clustering", "training", "quality")
+SECTIONS = ("params", "clustering", "training", "quality", "overhead")
 
 
 # ------------------------------------------------------------------------------------------- environment

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 RUN = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
-SECTIONS = ("params", "clustering", "training", "quality")
+SECTIONS = ("params", "clustering", "training", "quality", "overhead")
 
 
 def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -70,8 +70,13 @@ def test_smoke_run_writes_every_section(tmp_path):
     assert "Update size at the end of training" in quality and "| ID-LoRA (lr " in quality
     assert "| router=static (lr " in quality  # ablations that change the router are diagnosed too
 
+    overhead = _section(doc, "5. CPU overhead of the command")  # the command twice under /usr/bin/time -v
+    rows = _numeric_rows(overhead)
+    assert len(rows) == 2 and "THP_MEM_ALLOC_ENABLE=0 (before)" in rows[0] and "as shipped" in rows[1], overhead
+
     targets = _section(doc, "Targets")
     assert "Clustering speed" in targets and "Training step" in targets and "Table 3" in targets
+    assert "Kernel time of" in targets and "Training forward of ID-LoRA / LoRA, one layer" in targets
 
     bench_dir = tmp_path / "benchmarks"
     for name in SECTIONS:
@@ -86,7 +91,7 @@ def test_smoke_run_writes_every_section(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     again = rebuilt.read_text()
     for title in ("Targets", "1. Trainable parameters", "2. Clustering cost", "3. Training cost",
-                  "4. Quality on a real model"):
+                  "4. Quality on a real model", "5. CPU overhead of the command"):
         assert _without_images(_section(again, title)) == _without_images(_section(doc, title)), title
 
 
@@ -170,3 +175,15 @@ def test_quality_report_is_partial_only_when_a_needed_run_was_left_out(monkeypat
     assert clock.skip() and clock.skipped
     unlimited = quality.Clock(None)
     assert not unlimited.skip() and not unlimited.skipped
+
+
+def test_overhead_parses_time_v():
+    sys.path.insert(0, str(RUN.parent))
+    import overhead
+
+    text = ("\tUser time (seconds): 208.14\n\tSystem time (seconds): 21.03\n"
+            "\tMaximum resident set size (kbytes): 2863412\n\tMinor (reclaiming a frame) page faults: 702760\n")
+    assert overhead.parse_time_v(text) == {"minor_faults": 702760.0, "system_s": 21.03, "user_s": 208.14,
+                                           "max_rss_kb": 2863412.0}
+    with pytest.raises(ValueError, match="Minor"):
+        overhead.parse_time_v(text.replace("Minor", "Major"))

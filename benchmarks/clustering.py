@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
+import sys
 import time
 
 import numpy as np
@@ -28,6 +29,7 @@ SMOLLM2 = {"SmolLM2 blk.0 q_proj": "blk.0.attn_q.weight", "SmolLM2 blk.0 gate_pr
 LLAMA3_8B_SHAPES = {"q_proj, o_proj": ((4096, 4096), 2), "k_proj, v_proj": ((1024, 4096), 2),
                     "gate_proj, up_proj": ((14336, 4096), 2), "down_proj": ((4096, 14336), 1)}
 SPEEDUP_TARGET, INERTIA_TARGET, SMOLLM2_TARGET_S, GPU_TARGET_S = 20.0, 1.01, 30.0, 60.0
+RANKS_TARGET = 0.55  # 2 ranks / 1 rank, decomposition wall time
 
 
 def add_arguments(parser) -> None:
@@ -41,6 +43,8 @@ def add_arguments(parser) -> None:
                        help="skip the reference on matrices with more rows than this (it takes minutes on the "
                             "largest); default: run it everywhere")
     group.add_argument("--no-smollm2", action="store_true", help="skip the SmolLM2 weights and whole model")
+    group.add_argument("--rank-repeats", type=int, default=3,
+                       help="runs of the 1- and 2-rank ZeRO-3 decomposition of SmolLM2 (0: skip)")
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -225,6 +229,30 @@ def _gpu(args) -> dict:
             "estimated_total_s": total * layers}
 
 
+def _ranks(args) -> dict | None:
+    """Decomposition of SmolLM2-135M (all-linear) under ZeRO-3 from `from_pretrained`, with 1 and 2 ranks
+    (`torchrun`, one thread per rank, gloo), interleaved; `tests/distributed/measure_decomposition.py` does the
+    run and reports the core's own decomposition time (the distributed tests check that the ranks agree)."""
+    import json
+    import subprocess
+    import tempfile
+
+    if args.smoke or args.no_smollm2 or args.rank_repeats <= 0 or not smollm2_weights():
+        return None
+    script = os.path.join(os.path.dirname(__file__), "..", "tests", "distributed", "measure_decomposition.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    times: dict[int, list[float]] = {1: [], 2: []}
+    for _ in range(args.rank_repeats):
+        for world in (1, 2):
+            with tempfile.TemporaryDirectory() as out:
+                subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
+                                script, out, "--zero3"], check=True, env=env, capture_output=True)
+                ranks = [json.load(open(os.path.join(out, f"rank{i}.json"))) for i in range(world)]
+            times[world].append(max(r["decomposition_s"] for r in ranks))
+            log(f"clustering: SmolLM2 decomposition on {world} rank(s): {times[world][-1]:.1f} s")
+    return {"one_rank_s": times[1], "two_ranks_s": times[2], "threads_per_rank": 1}
+
+
 def run(args) -> dict:
     try:
         from k_means_constrained import KMeansConstrained
@@ -245,7 +273,7 @@ def run(args) -> dict:
             rows.append(_matrix_row(name, w, args, KMeansConstrained, "smollm2"))
     whole = None if (args.no_smollm2 and not args.smoke) else _whole_model(args)
     return {"k": args.k, "r": args.r, "seed": args.seed, "n_init": 10, "rows": rows, "whole": whole,
-            "gpu": _gpu(args)}
+            "ranks": _ranks(args), "gpu": _gpu(args)}
 
 
 # -------------------------------------------------------------------------------------------- render
@@ -335,6 +363,19 @@ def render(data: dict, ctx) -> tuple[str, list]:
                                   "" if ok else f"missed by {full['pmrc_s'] / SMOLLM2_TARGET_S:.2f}x"))
     else:
         out += ["not run", ""]
+    ranks = data.get("ranks")
+    if ranks:
+        one, two = median(ranks["one_rank_s"]), median(ranks["two_ranks_s"])
+        out += ["**Decomposition on 2 ranks** (SmolLM2-135M-Instruct, all-linear, r=32, k=4, DeepSpeed ZeRO-3 from "
+                "`from_pretrained` (weights partitioned, each gathered while it is copied), `torchrun`, gloo, "
+                f"{ranks['threads_per_rank']} thread per rank, runs interleaved; the core's own decomposition "
+                "time, slowest rank; `tests/distributed/measure_decomposition.py`)", "",
+                table(["ranks", "runs, s", "median, s", "/ one rank"],
+                      [["1", ", ".join(f"{t:.1f}" for t in ranks["one_rank_s"]), f"{one:.1f}", "1.00x"],
+                       ["2", ", ".join(f"{t:.1f}" for t in ranks["two_ranks_s"]), f"{two:.1f}",
+                        f"{two / one:.2f}x"]]), ""]
+        targets.append(target("Decomposition on 2 ranks / 1 rank (SmolLM2, ZeRO-3)", f"<= {RANKS_TARGET:.2f}x",
+                              f"{two / one:.2f}x", two / one <= RANKS_TARGET))
 
     gpu = data.get("gpu") or {}
     out += ["**Llama-3-8B shapes on a GPU** (random gaussian matrices of each distinct shape; the whole model is "

@@ -231,7 +231,7 @@ class IDLoRALayer(BaseTunerLayer):
         not: an adapter that turns a finite base output into inf/NaN is an error naming the module, not a silent
         NaN. Checked on the small `v` (`[..., r]`) and a bound on `B v`, not on the `[..., d_out]` output: one
         reduction of r values per token and one host sync per layer (only for `router_norm="none"`)."""
-        if self.router_norm[adapter_name] != "none":
+        if self.router_norm[adapter_name] != "none" or v.numel() == 0:
             return
         B = self.idlora_B[adapter_name].weight.detach()
         key = (B._version, B.data_ptr())  # an optimizer step or a load changes B in place: its version moves

@@ -97,7 +97,7 @@ def decompose_layers(layers: list[tuple[str, IDLoRALayer]], adapter_name: str, c
     bar = logging.tqdm(total=len(layers), desc=f"ID-LoRA decomposition ({config.selection})", unit="module",
                        disable=rank != 0 or None)
     pending: list[tuple[str, torch.Tensor]] = []  # this rank's copies not yet clustered
-    window, window_modules = 0.0, 0
+    window, done, shown = 0.0, 0, 0  # bytes per rank in the current window; modules before it; modules on the bar
     for offset in range(0, len(layers), world):
         group = layers[offset: offset + world]
         for j, (name, layer) in enumerate(group):
@@ -111,9 +111,8 @@ def decompose_layers(layers: list[tuple[str, IDLoRALayer]], adapter_name: str, c
         # Every rank computes the same window (from the shapes alone), so all ranks cluster at the same points
         # and wait for each other once per window, not once per group of `world` modules.
         window += sum(4 * lay.out_features * lay.in_features for _, lay in group) / world
-        window_modules += len(group)
         if window >= (COPY_BUDGET_BYTES if world > 1 else 0) or offset + world >= len(layers):
-            for name, weight in pending:
+            for i, (name, weight) in enumerate(pending):
                 if error is None:
                     try:
                         indices = hook.idlora_select_rows(weight=weight, module_name=name, config=config)
@@ -122,9 +121,15 @@ def decompose_layers(layers: list[tuple[str, IDLoRALayer]], adapter_name: str, c
                         mine[name] = torch.as_tensor(indices).cpu()
                     except Exception as exc:  # reported on every rank below, never left to hang the others
                         error = f"ID-LoRA decomposition of module {name!r} failed on rank {rank}: {exc}"
+                # the bar (rank 0) counts every rank's modules: the others cluster theirs at the same pace
+                step = min(done + (i + 1) * world, offset + len(group)) - shown
+                bar.update(step)
+                shown += step
+            done = offset + len(group)
+            bar.update(done - shown)
+            shown = done
             pending.clear()
-            bar.update(window_modules)
-            window, window_modules = 0.0, 0
+            window = 0.0
     bar.close()
     raise_if_any_rank_failed(error, world)
     computed = hook.idlora_sync_indices(indices=mine, owners=owners, adapter_name=adapter_name)

@@ -233,3 +233,11 @@ def test_large_activations_stay_finite_or_are_reported(router_norm):
             train(config)
         message = str(error.value)
         assert "the default 'none' is the paper's router" in message and "(the default" not in message
+
+
+@pytest.mark.parametrize("mode", list(GRAD_MODES))
+def test_no_tokens_gives_an_empty_output(mode):
+    """A batch without tokens (shape [2, 0, d_in]) passes through: the overflow check has nothing to reduce."""
+    model = get_peft_model(nn.Sequential(nn.Linear(16, 12)), IDLoRAConfig(r=2, num_clusters=2, target_modules=["0"]))
+    with GRAD_MODES[mode]():
+        assert model(torch.zeros(2, 0, 16)).shape == (2, 0, 12)

@@ -113,3 +113,27 @@ def test_report_logs_the_parameter_table(caplog):
     text = caplog.text
     assert "clustered 14 module(s)" in text
     assert "| ID-LoRA r=8 |" in text and "| LoRA r=2 |" in text
+
+
+def test_decomposition_progress_bar_counts_every_module(monkeypatch):
+    """The tqdm bar of the decomposition advances one module at a time and ends at the number of modules."""
+    from idlora_trl import skeleton
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total, desc, unit, disable):
+            self.total, self.desc, self.steps, self.closed = total, desc, [], False
+            bars.append(self)
+
+        def update(self, n):
+            self.steps.append(n)
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(skeleton.logging, "tqdm", Bar)
+    get_peft_model(make_llama(), IDLoRAConfig(r=4, num_clusters=2, target_modules=["q_proj", "down_proj"]))
+    (bar,) = bars
+    assert bar.desc == "ID-LoRA decomposition (pmrc)" and bar.closed
+    assert sum(bar.steps) == bar.total == 4 and [s for s in bar.steps if s] == [1, 1, 1, 1]

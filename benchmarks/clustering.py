@@ -242,6 +242,7 @@ def _ranks(args) -> dict | None:
     script = os.path.join(os.path.dirname(__file__), "..", "tests", "distributed", "measure_decomposition.py")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     times: dict[int, list[float]] = {1: [], 2: []}
+    detail: dict[int, list[list[dict]]] = {1: [], 2: []}  # per run, per rank: where the time went
     for _ in range(args.rank_repeats):
         for world in (1, 2):
             with tempfile.TemporaryDirectory() as out:
@@ -249,8 +250,26 @@ def _ranks(args) -> dict | None:
                                 script, out, "--zero3"], check=True, env=env, capture_output=True)
                 ranks = [json.load(open(os.path.join(out, f"rank{i}.json"))) for i in range(world)]
             times[world].append(max(r["decomposition_s"] for r in ranks))
+            detail[world].append([{key: r[key] for key in ("decomposition_s", "select_rows_s", "select_rows_cpu_s")}
+                                  for r in ranks])
             log(f"clustering: SmolLM2 decomposition on {world} rank(s): {times[world][-1]:.1f} s")
-    return {"one_rank_s": times[1], "two_ranks_s": times[2], "threads_per_rank": 1}
+    return {"one_rank_s": times[1], "two_ranks_s": times[2], "threads_per_rank": 1,
+            "one_rank_detail": detail[1], "two_ranks_detail": detail[2]}
+
+
+def _ranks_why(ranks: dict) -> str:
+    """Where the 2-rank time goes (median run): clustering per rank (wall and CPU) and the rest (gathers, sync)."""
+    if not ranks.get("two_ranks_detail"):
+        return ("no per-rank breakdown in this run (recorded from the next run on); measured by hand: "
+                "integrations/deepspeed/README.md, cost of the decomposition")
+    runs = sorted(ranks["two_ranks_detail"], key=lambda run: max(r["decomposition_s"] for r in run))
+    run = runs[len(runs) // 2]
+    total = max(r["decomposition_s"] for r in run)
+    wall = " / ".join(f"{r['select_rows_s']:.1f}" for r in run)
+    cpu = " / ".join(f"{r['select_rows_cpu_s']:.1f}" for r in run)
+    rest = total - max(r["select_rows_s"] for r in run)
+    return (f"median 2-rank run {total:.1f} s: clustering wall {wall} s, CPU {cpu} s per rank; gathers, copies "
+            f"and sync {rest:.1f} s")
 
 
 def run(args) -> dict:
@@ -374,8 +393,9 @@ def render(data: dict, ctx) -> tuple[str, list]:
                       [["1", ", ".join(f"{t:.1f}" for t in ranks["one_rank_s"]), f"{one:.1f}", "1.00x"],
                        ["2", ", ".join(f"{t:.1f}" for t in ranks["two_ranks_s"]), f"{two:.1f}",
                         f"{two / one:.2f}x"]]), ""]
+        met = two / one <= RANKS_TARGET
         targets.append(target("Decomposition on 2 ranks / 1 rank (SmolLM2, ZeRO-3)", f"<= {RANKS_TARGET:.2f}x",
-                              f"{two / one:.2f}x", two / one <= RANKS_TARGET))
+                              f"{two / one:.2f}x", met, "" if met else _ranks_why(ranks)))
 
     gpu = data.get("gpu") or {}
     out += ["**Llama-3-8B shapes on a GPU** (random gaussian matrices of each distinct shape; the whole model is "

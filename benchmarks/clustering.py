@@ -16,20 +16,21 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
-import sys
 import time
 
 import numpy as np
 import torch
 
-from common import fmt_s, interleaved, log, median, pyplot, save_plot, table, target, timed, tiny_llama
+import ranks
+from clustering_profile import profile_kmeans, render_profile, top_shares
+from common import fmt_s, interleaved, log, median, pyplot, save_plot, table, target, tiny_llama
+from ranks import RANKS_TARGET, why as ranks_why
 
 SMOLLM2 = {"SmolLM2 blk.0 q_proj": "blk.0.attn_q.weight", "SmolLM2 blk.0 gate_proj": "blk.0.ffn_gate.weight",
            "SmolLM2 blk.0 down_proj": "blk.0.ffn_down.weight"}
 LLAMA3_8B_SHAPES = {"q_proj, o_proj": ((4096, 4096), 2), "k_proj, v_proj": ((1024, 4096), 2),
                     "gate_proj, up_proj": ((14336, 4096), 2), "down_proj": ((4096, 14336), 1)}
 SPEEDUP_TARGET, INERTIA_TARGET, SMOLLM2_TARGET_S, GPU_TARGET_S = 20.0, 1.01, 30.0, 60.0
-RANKS_TARGET = 0.55  # 2 ranks / 1 rank, decomposition wall time
 
 
 def add_arguments(parser) -> None:
@@ -75,75 +76,6 @@ def inertia64(points: np.ndarray, labels: np.ndarray) -> float:
 
 def _parse_sizes(text: str) -> list[tuple[int, int]]:
     return [tuple(int(v) for v in item.lower().split("x")) for item in text.split(",") if item.strip()]
-
-
-# ------------------------------------------------------------------------------------------- profiling
-def profile_kmeans(w: torch.Tensor, k: int, r: int, seed: int) -> dict:
-    """Where `select_rows` spends its time: k-means++ seeding, Lloyd assignment (distance matmul + the
-    constrained assignment), centroid updates, per-restart inertia, and the final row picking. Wraps the
-    module's private helpers for one run (no change to the library); times are inclusive of what they call."""
-    from idlora_trl import assignment
-    from idlora_trl import decomposition as dec
-
-    names = ("_kmeans_pp", "_sq_dists", "assign", "_lloyd", "_own_sq_dists")
-    originals = {n: getattr(dec, n) for n in names}
-    original_repair = assignment.shortest_path_repair
-    acc = {"init": 0.0, "distances": 0.0, "assignment": 0.0, "lloyd": 0.0, "inertia": 0.0, "repairs": 0,
-           "lloyd_iterations": 0, "constrained_assignments": 0}
-    state = {"in_init": False}
-
-    def wrap(name, key):
-        fn = originals[name]
-
-        def inner(*a, **kw):
-            if state["in_init"] and name != "_kmeans_pp":
-                return fn(*a, **kw)
-            t0 = time.perf_counter()
-            out = fn(*a, **kw)
-            acc[key] += time.perf_counter() - t0
-            return out
-        return inner
-
-    def init(*a, **kw):
-        state["in_init"] = True
-        t0 = time.perf_counter()
-        try:
-            return originals["_kmeans_pp"](*a, **kw)
-        finally:
-            acc["init"] += time.perf_counter() - t0
-            state["in_init"] = False
-
-    def assign(dist, min_size, *a, **kw):  # one call per Lloyd round: a batch of the restarts still moving
-        if state["in_init"]:
-            return originals["assign"](dist, min_size, *a, **kw)
-        t0 = time.perf_counter()
-        batch = dist if dist.dim() == 3 else dist.unsqueeze(0)
-        acc["lloyd_iterations"] += batch.shape[0]
-        counts = torch.nn.functional.one_hot(batch.argmin(2), batch.shape[2]).sum(1)
-        acc["constrained_assignments"] += int((counts < min_size).any(1).sum())
-        out = originals["assign"](dist, min_size, *a, **kw)
-        acc["assignment"] += time.perf_counter() - t0
-        return out
-
-    def repair(*a, **kw):
-        acc["repairs"] += not state["in_init"]
-        return original_repair(*a, **kw)
-
-    patched = {"_kmeans_pp": init, "_sq_dists": wrap("_sq_dists", "distances"), "assign": assign,
-               "_lloyd": wrap("_lloyd", "lloyd"), "_own_sq_dists": wrap("_own_sq_dists", "inertia")}
-    try:
-        for n, fn in patched.items():
-            setattr(dec, n, fn)
-        assignment.shortest_path_repair = repair
-        total = timed(lambda: dec.select_rows(w, num_clusters=k, r=r, seed=seed))
-    finally:
-        for n, fn in originals.items():
-            setattr(dec, n, fn)
-        assignment.shortest_path_repair = original_repair
-    acc["total"] = total
-    # Centroid updates and bookkeeping: the Lloyd loop's time outside the distance matmuls and assignments.
-    acc["means"] = max(0.0, acc.pop("lloyd") - acc["distances"] - acc["assignment"])
-    return acc
 
 
 # ----------------------------------------------------------------------------------------------- run
@@ -229,49 +161,6 @@ def _gpu(args) -> dict:
             "estimated_total_s": total * layers}
 
 
-def _ranks(args) -> dict | None:
-    """Decomposition of SmolLM2-135M (all-linear) under ZeRO-3 from `from_pretrained`, with 1 and 2 ranks
-    (`torchrun`, one thread per rank, gloo), interleaved; `tests/distributed/measure_decomposition.py` does the
-    run and reports the core's own decomposition time (the distributed tests check that the ranks agree)."""
-    import json
-    import subprocess
-    import tempfile
-
-    if args.smoke or args.no_smollm2 or args.rank_repeats <= 0 or not smollm2_weights():
-        return None
-    script = os.path.join(os.path.dirname(__file__), "..", "tests", "distributed", "measure_decomposition.py")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    times: dict[int, list[float]] = {1: [], 2: []}
-    detail: dict[int, list[list[dict]]] = {1: [], 2: []}  # per run, per rank: where the time went
-    for _ in range(args.rank_repeats):
-        for world in (1, 2):
-            with tempfile.TemporaryDirectory() as out:
-                subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
-                                script, out, "--zero3"], check=True, env=env, capture_output=True)
-                ranks = [json.load(open(os.path.join(out, f"rank{i}.json"))) for i in range(world)]
-            times[world].append(max(r["decomposition_s"] for r in ranks))
-            detail[world].append([{key: r[key] for key in ("decomposition_s", "select_rows_s", "select_rows_cpu_s")}
-                                  for r in ranks])
-            log(f"clustering: SmolLM2 decomposition on {world} rank(s): {times[world][-1]:.1f} s")
-    return {"one_rank_s": times[1], "two_ranks_s": times[2], "threads_per_rank": 1,
-            "one_rank_detail": detail[1], "two_ranks_detail": detail[2]}
-
-
-def _ranks_why(ranks: dict) -> str:
-    """Where the 2-rank time goes (median run): clustering per rank (wall and CPU) and the rest (gathers, sync)."""
-    if not ranks.get("two_ranks_detail"):
-        return ("no per-rank breakdown in this run (recorded from the next run on); measured by hand: "
-                "integrations/deepspeed/README.md, cost of the decomposition")
-    runs = sorted(ranks["two_ranks_detail"], key=lambda run: max(r["decomposition_s"] for r in run))
-    run = runs[len(runs) // 2]
-    total = max(r["decomposition_s"] for r in run)
-    wall = " / ".join(f"{r['select_rows_s']:.1f}" for r in run)
-    cpu = " / ".join(f"{r['select_rows_cpu_s']:.1f}" for r in run)
-    rest = total - max(r["select_rows_s"] for r in run)
-    return (f"median 2-rank run {total:.1f} s: clustering wall {wall} s, CPU {cpu} s per rank; gathers, copies "
-            f"and sync {rest:.1f} s")
-
-
 def run(args) -> dict:
     try:
         from k_means_constrained import KMeansConstrained
@@ -292,7 +181,7 @@ def run(args) -> dict:
             rows.append(_matrix_row(name, w, args, KMeansConstrained, "smollm2"))
     whole = None if (args.no_smollm2 and not args.smoke) else _whole_model(args)
     return {"k": args.k, "r": args.r, "seed": args.seed, "n_init": 10, "rows": rows, "whole": whole,
-            "ranks": _ranks(args), "gpu": _gpu(args)}
+            "ranks": ranks.measure(args, smollm2_weights), "gpu": _gpu(args)}
 
 
 # -------------------------------------------------------------------------------------------- render
@@ -359,7 +248,7 @@ def render(data: dict, ctx) -> tuple[str, list]:
                               "" if worst_s[1] >= SPEEDUP_TARGET else
                               f"{worst_s[1]:.1f}x instead of {SPEEDUP_TARGET:.0f}x on {worst_s[0]}: "
                               f"{sum(s < SPEEDUP_TARGET for _, s in speedups)} of {len(speedups)} matrices below "
-                              f"the target; where our time goes there: {_top_shares(data, worst_s[0])}"))
+                              f"the target; where our time goes there: {top_shares(data, worst_s[0])}"))
         targets.append(target("Clustering inertia vs k-means-constrained", f"<= {INERTIA_TARGET:.2f}x",
                               f"{worst_i[1]:.5f}x at worst ({worst_i[0]})", worst_i[1] <= INERTIA_TARGET))
 
@@ -382,20 +271,20 @@ def render(data: dict, ctx) -> tuple[str, list]:
                                   "" if ok else f"missed by {full['pmrc_s'] / SMOLLM2_TARGET_S:.2f}x"))
     else:
         out += ["not run", ""]
-    ranks = data.get("ranks")
-    if ranks:
-        one, two = median(ranks["one_rank_s"]), median(ranks["two_ranks_s"])
+    by_rank = data.get("ranks")
+    if by_rank:
+        one, two = median(by_rank["one_rank_s"]), median(by_rank["two_ranks_s"])
         out += ["**Decomposition on 2 ranks** (SmolLM2-135M-Instruct, all-linear, r=32, k=4, DeepSpeed ZeRO-3 from "
                 "`from_pretrained` (weights partitioned, each gathered while it is copied), `torchrun`, gloo, "
-                f"{ranks['threads_per_rank']} thread per rank, runs interleaved; the core's own decomposition "
+                f"{by_rank['threads_per_rank']} thread per rank, runs interleaved; the core's own decomposition "
                 "time, slowest rank; `tests/distributed/measure_decomposition.py`)", "",
                 table(["ranks", "runs, s", "median, s", "/ one rank"],
-                      [["1", ", ".join(f"{t:.1f}" for t in ranks["one_rank_s"]), f"{one:.1f}", "1.00x"],
-                       ["2", ", ".join(f"{t:.1f}" for t in ranks["two_ranks_s"]), f"{two:.1f}",
+                      [["1", ", ".join(f"{t:.1f}" for t in by_rank["one_rank_s"]), f"{one:.1f}", "1.00x"],
+                       ["2", ", ".join(f"{t:.1f}" for t in by_rank["two_ranks_s"]), f"{two:.1f}",
                         f"{two / one:.2f}x"]]), ""]
         met = two / one <= RANKS_TARGET
         targets.append(target("Decomposition on 2 ranks / 1 rank (SmolLM2, ZeRO-3)", f"<= {RANKS_TARGET:.2f}x",
-                              f"{two / one:.2f}x", met, "" if met else _ranks_why(ranks)))
+                              f"{two / one:.2f}x", met, "" if met else ranks_why(by_rank)))
 
     gpu = data.get("gpu") or {}
     out += ["**Llama-3-8B shapes on a GPU** (random gaussian matrices of each distinct shape; the whole model is "
@@ -413,45 +302,5 @@ def render(data: dict, ctx) -> tuple[str, list]:
         targets.append(target("Llama-3-8B shapes on one H100", f"< {GPU_TARGET_S:.0f} s",
                               "not measured (no GPU lent)", None))
 
-    out += [_render_profile(data["rows"])]
+    out += [render_profile(data["rows"])]
     return "\n".join(out), targets
-
-
-def _shares(p: dict) -> list[tuple[str, float]]:
-    shares = {"k-means++ seeding": p["init"], "distance matmuls": p["distances"], "centroid means": p["means"],
-              "exact per-point distances (restart inertia, row picking)": p["inertia"],
-              "constrained assignment": p["assignment"]}
-    return sorted(((name, value / p["total"]) for name, value in shares.items()), key=lambda kv: -kv[1])
-
-
-def _top_shares(data: dict, name: str) -> str:
-    row = next(r for r in data["rows"] if r["name"] == name)
-    return ", ".join(f"{label} {100 * share:.0f}%" for label, share in _shares(row["profile"])[:3])
-
-
-def _render_profile(rows: list) -> str:
-    body = []
-    for row in rows:
-        p = row["profile"]
-        total = p["total"]
-        lloyd = p["distances"] + p["assignment"]
-        other = total - p["init"] - lloyd - p["means"] - p["inertia"]
-        shares = [f"{100 * x / total:.0f}%" for x in (p["init"], p["distances"], p["assignment"], p["means"],
-                                                        p["inertia"], other)]
-        body.append([row["name"], fmt_s(total), *shares, f"{p['lloyd_iterations'] / 10:.1f}",  # 10 restarts
-                     f"{p['constrained_assignments']} / {p['repairs']}"])
-    text = ["**Where our clustering time goes** (one instrumented `select_rows` run per matrix; the library's "
-            "helpers are wrapped with timers, so the shares are approximate)", "",
-            table(["matrix", "total, s", "k-means++ init", "distance matmuls", "constrained assignment",
-                   "centroid means", "inertia + row picking", "other", "Lloyd iterations per restart",
-                   "Lloyd assignments where the size constraint binds / shortest-path repairs"], body), ""]
-    if body:
-        big = max(rows, key=lambda r: r["profile"]["total"])
-        top = ", ".join(f"{name} {100 * share:.0f}%" for name, share in _shares(big["profile"])[:3])
-        text += [f"On the largest profiled matrix ({big['name']}): {top} of the time. Every Lloyd round is one "
-            "distance matmul against the centroids of every restart still moving (at most 10 k columns, so "
-            "memory-bound) and one batched assignment of those restarts; means are updated from the points that "
-            "moved. The seeding scores every restart's candidates in one batched assignment per centre. On small "
-            "matrices the batched price rounds and the shortest-path repairs (Python) dominate.", ""]
-    return "\n".join(text)
-

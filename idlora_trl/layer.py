@@ -25,11 +25,10 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import IDLoRAConfig
 from .decomposition import CLUSTERED
-from .precision import adapter_dtype, float32_region, keep_float32
+from .precision import adapter_dtype, float32_region, keep_float32, update_is_surely_finite
 
 PLACEHOLDER = -1
 RMS_EPS = 1e-12  # keeps rsqrt finite for an all-zero token (its alpha is 0 then: <T, 0> = 0)
-FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 class ClusterWeights(nn.Module):
@@ -136,11 +135,8 @@ class IDLoRALayer(BaseTunerLayer):
             nn.init.normal_(self.idlora_T[adapter_name].weight, std=config.router_std)
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
-        """Move the adapter to the base layer's device, keeping it in (at least) float32.
-
-        PEFT's version also casts to the base dtype; ID-LoRA's update is quadratic in the activations, so its
-        path runs in float32 even when the base runs in bf16 (choice).
-        """
+        """Move the adapter to the base layer's device, keeping it in (at least) float32 (PEFT's version also casts
+        to the base dtype; ID-LoRA's update is quadratic in the activations: float32 even on a bf16 base, choice)."""
         weight = self.get_base_layer().weight
         target = device if device is not None else weight.device
         if target.type == "meta":
@@ -229,21 +225,17 @@ class IDLoRALayer(BaseTunerLayer):
     def _check_finite(self, adapter_name: str, base_out: torch.Tensor, v: torch.Tensor) -> None:
         """With the paper's router the update is quadratic in the activations and can overflow where LoRA's does
         not: an adapter that turns a finite base output into inf/NaN is an error naming the module, not a silent
-        NaN. Checked on the small `v` (`[..., r]`) and a bound on `B v`, not on the `[..., d_out]` output: one
-        reduction of r values per token and one host sync per layer (only for `router_norm="none"`)."""
-        if self.router_norm[adapter_name] != "none" or v.numel() == 0:
+        NaN. Checked on `v` and a bound on `B v` (`update_is_surely_finite`); only for `router_norm="none"`."""
+        if self.router_norm[adapter_name] != "none":
             return
         B = self.idlora_B[adapter_name].weight.detach()
         key = (B._version, B.data_ptr())  # an optimizer step or a load changes B in place: its version moves
-        cached = self._B_max.get(adapter_name)
-        if cached is None or cached[0] != key:
-            cached = self._B_max[adapter_name] = (key, B.abs().amax().item())
-        b_max = cached[1]
-        v_low, v_high = torch.stack(torch.aminmax(v.detach())).tolist()  # NaN propagates to both
-        v_max = max(-v_low, v_high)
-        s, width = abs(self.scaling[adapter_name]), self.r[adapter_name] // self.rank_boost[adapter_name]
-        if math.isfinite(v_low) and math.isfinite(v_high) and v_max * b_max * width * s < FLOAT32_MAX:  # NaN: no
-            return  # every entry of s * B v is finite
+        if self._B_max.get(adapter_name, (None,))[0] != key:
+            self._B_max[adapter_name] = (key, B.abs().amax().item())
+        b_max, width, s = self._B_max[adapter_name][1], self.r[adapter_name] // self.rank_boost[adapter_name], \
+            self.scaling[adapter_name]
+        if update_is_surely_finite(v, b_max, width, s):
+            return
         update = nn.functional.linear(v.detach().unflatten(-1, (-1, width)).to(B.dtype), B)
         if bool(torch.isfinite(update * s).all()) or not bool(torch.isfinite(base_out).all()):
             return
@@ -265,11 +257,9 @@ class IDLoRALayer(BaseTunerLayer):
             return B(v.unflatten(-1, (f, r // f)).to(B.weight.dtype)).flatten(-2) * self.scaling[adapter_name]
 
     def _fused_forward(self, adapter_name: str, base_out: torch.Tensor) -> torch.Tensor:
-        """`base_out + s * concat_j(B v_j)` as one `addmm`: with a float32 base output the f blocks of B are a
-        `[N f, r/f] x [r/f, d_out/f]` product added onto `base_out` viewed as `[N f, d_out/f]` (same values as
-        `_update` plus the add, without the three intermediate `[N, d_out]` tensors). When autograd does not
-        record (inference, evaluation) the product is added into `base_out` itself, a fresh tensor of the base
-        layer: no new `[N, d_out]` output is written."""
+        """`base_out + s * concat_j(B v_j)` as one `addmm` of the f blocks of B (`[N f, r/f] x [r/f, d_out/f]`) onto
+        `base_out` viewed as `[N f, d_out/f]`; added into `base_out` itself (fresh from the base layer) when
+        autograd does not record, so no new `[N, d_out]` tensor is written."""
         with float32_region(base_out):
             v = self._mixed_input(adapter_name, base_out)
             weight = self.idlora_B[adapter_name].weight  # [d_out/f, r/f]

@@ -64,7 +64,7 @@ def assign(dist: torch.Tensor, min_size: int, max_rounds: int | None = None) -> 
         cost = sub - lam.unsqueeze(1)
         column = c.unsqueeze(1).expand(-1, n, 1)
         others = cost.scatter(2, column, math.inf).amin(2)  # each point's best cluster other than c
-        # Pull in the (min_size - count) outsiders with the smallest margins (ties: lower row index) and raise
+        # Pull in the (min_size - count) outsiders with the smallest margins (ties: as topk orders them) and raise
         # lam[c] by exactly the largest of those margins: every point stays at an argmin of dist - lam, c ends
         # with exactly min_size points and no other cluster gains any.
         outside = torch.where(lab == c, math.inf, cost.gather(2, column).squeeze(2) - others)

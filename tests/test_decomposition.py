@@ -236,6 +236,9 @@ def test_constrained_kmeans_rejects_bad_input():
             constrained_kmeans(*args)
     with pytest.raises(ValueError, match="NaN or Inf"):
         constrained_kmeans(torch.tensor([[0.0, float("nan")], [1.0, 1.0]]), 1, 1)
+    for tol in (-1e-4, float("nan"), "1e-4", True):  # the centre-shift tolerance
+        with pytest.raises(ValueError, match="tol must be a number >= 0"):
+            constrained_kmeans(x, 2, 1, tol=tol)
 
 
 # ------------------------------------------------------------------------------------- determinism

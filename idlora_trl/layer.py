@@ -25,10 +25,10 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import IDLoRAConfig
 from .decomposition import CLUSTERED
+from .fused import adapted_output, mix
 from .precision import adapter_dtype, float32_region, keep_float32, update_is_surely_finite
 
 PLACEHOLDER = -1
-RMS_EPS = 1e-12  # keeps rsqrt finite for an all-zero token (its alpha is 0 then: <T, 0> = 0)
 
 
 class ClusterWeights(nn.Module):
@@ -190,22 +190,16 @@ class IDLoRALayer(BaseTunerLayer):
     # ------------------------------------------------------------------ forward
 
     def _mixed(self, adapter_name: str, gathered: torch.Tensor) -> torch.Tensor:
-        """`v = sum_i alpha_i x_i` from the gathered skeleton outputs `[..., k, r]`.
+        """`v = sum_i alpha_i x_i` from the gathered skeleton outputs `[..., k, r]` (`fused.mix`).
 
         Token router: `alpha_i = <T, x_i>` (paper, `router_norm="none"`), or `<T, x_i> / (sqrt(r) rms(x))` with
         `rms(x)` over the token's `k * r` gathered values (`router_norm="rms"`): the same routing directions,
         but `alpha_i` no longer grows with the activations, so `v` (and the update) is linear in them, as in LoRA.
         """
-        router = self.idlora_T[adapter_name]
-        if self.is_static(adapter_name):
-            return router(gathered)
         k, r = gathered.shape[-2:]
-        rows = gathered.reshape(-1, k, r)
-        alpha = torch.matmul(rows, router.weight[0])  # [tokens, k]: <T, x_i> (T is nn.Linear(r, 1) for its state)
-        if self.router_norm[adapter_name] == "rms":
-            mean_square = rows.square().mean(dim=(-2, -1)).unsqueeze(-1)
-            alpha = alpha * torch.rsqrt(mean_square * r + RMS_EPS)
-        v = torch.bmm(alpha.unsqueeze(1), rows)  # one [1, k] x [k, r] product per token
+        weight = self.idlora_T[adapter_name].weight.view(-1)  # T is nn.Linear(r, 1) for its state-dict name
+        v = mix(gathered.reshape(-1, k, r), weight, self.is_static(adapter_name),
+                self.router_norm[adapter_name] == "rms")[0]
         return v.view(*gathered.shape[:-2], r)
 
     def _mixed_input(self, adapter_name: str, base_out: torch.Tensor) -> torch.Tensor:
@@ -256,20 +250,21 @@ class IDLoRALayer(BaseTunerLayer):
             B = self.idlora_B[adapter_name]
             return B(v.unflatten(-1, (f, r // f)).to(B.weight.dtype)).flatten(-2) * self.scaling[adapter_name]
 
-    def _fused_forward(self, adapter_name: str, base_out: torch.Tensor) -> torch.Tensor:
-        """`base_out + s * concat_j(B v_j)` as one `addmm` of the f blocks of B (`[N f, r/f] x [r/f, d_out/f]`) onto
-        `base_out` viewed as `[N f, d_out/f]`; added into `base_out` itself (fresh from the base layer) when
-        autograd does not record, so no new `[N, d_out]` tensor is written."""
+    def _fused_forward(self, adapter_name: str, base_out: torch.Tensor) -> Optional[torch.Tensor]:
+        """`base_out + s * concat_j(B v_j)`, added into `base_out` (fresh from the base layer) in place by one
+        autograd node (`fused.GatherMixAdd`). `None` where that does not apply: active dropout, a base output
+        that is not contiguous, a trainable base bias."""
+        dropout, bias = self.idlora_dropout[adapter_name], self.base_layer.bias
+        if (isinstance(dropout, nn.Dropout) and dropout.training) or not base_out.is_contiguous() \
+                or (bias is not None and bias.requires_grad and torch.is_grad_enabled()):
+            return None
+        flat = self._checked_indices(adapter_name).reshape(-1)
         with float32_region(base_out):
-            v = self._mixed_input(adapter_name, base_out)
-            weight = self.idlora_B[adapter_name].weight  # [d_out/f, r/f]
-            rows, product = v.reshape(-1, weight.shape[1]), weight.t()
-            if not (torch.is_grad_enabled() and (base_out.requires_grad or v.requires_grad)) \
-                    and base_out.is_contiguous():
-                base_out.view(-1, weight.shape[0]).addmm_(rows, product, alpha=self.scaling[adapter_name])
-                return base_out
-            out = torch.addmm(base_out.reshape(-1, weight.shape[0]), rows, product, alpha=self.scaling[adapter_name])
-        return out.view(base_out.shape)
+            return adapted_output(
+                base_out, flat, None if bias is None else bias.detach().index_select(0, flat).float(),
+                self.idlora_B[adapter_name].weight, self.idlora_T[adapter_name].weight, self.is_static(adapter_name),
+                self.router_norm[adapter_name] == "rms", self.num_clusters[adapter_name],
+                self.scaling[adapter_name], lambda v: self._check_finite(adapter_name, base_out, v))
 
     def idlora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if kwargs.pop("adapter_names", None) is not None:
@@ -287,7 +282,9 @@ class IDLoRALayer(BaseTunerLayer):
             return base_out
         if (len(active) == 1 and base_out.dtype == torch.float32
                 and adapters[active[0]].weight.dtype == torch.float32):
-            return self._fused_forward(active[0], base_out)  # one float32 adapter
+            out = self._fused_forward(active[0], base_out)  # one float32 adapter
+            if out is not None:
+                return out
         update = None
         for name in active:
             delta = self._update(name, base_out)  # every adapter reads the base output, never another's

@@ -1,0 +1,152 @@
+"""Gradients of the adapted layer (`fused.GatherMixAdd`'s hand-written backward, and the general autograd path)
+against autograd through an independent float64 formula: the skeleton rows multiplied explicitly, no gather
+from the layer output, every router (the paper's, rms, static), rank boosting, non-zero biases, Conv1D."""
+
+import pytest
+import torch
+from helpers import base_weight_rows, set_nonzero_biases
+from peft import get_peft_model
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from idlora_trl import IDLoRAConfig
+from idlora_trl.fused import GatherMixAdd
+from idlora_trl.layer import IDLoRALayer
+
+ROUTERS = {"token": ("token", "none"), "rms": ("token", "rms"), "static": ("static", "none")}
+
+
+def reference(W, b, indices, B, T, router, norm, f, scaling, h):
+    """`W h + b + s blockdiag(B) sum_i alpha_i W[idx_i] h`, in float64, differentiable in h, B and T."""
+    k, r = indices.shape
+    out = h @ W.T + (b if b is not None else 0)
+    x = torch.einsum("krd,nd->nkr", W[indices], h)  # x_i = A_i h
+    if router == "static":
+        alpha = T.reshape(1, k).expand(h.shape[0], k)
+    else:
+        alpha = x @ T.reshape(r)
+        if norm == "rms":
+            alpha = alpha / torch.sqrt(r * (x ** 2).mean(dim=(1, 2))).unsqueeze(1)
+    v = torch.einsum("nk,nkr->nr", alpha, x)
+    return out + scaling * v @ torch.block_diag(*[B] * f).T
+
+
+class One(nn.Module):
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, h):
+        return self.layer(h)
+
+
+def adapted(base: nn.Module, router: str, rank_boost: int, seed: int = 0):
+    kind, norm = ROUTERS[router]
+    config = IDLoRAConfig(r=8, num_clusters=3, rank_boost=rank_boost, router=kind, router_norm=norm,
+                          idlora_alpha=12, init_weights=False, target_modules=["layer"])
+    model = get_peft_model(One(base), config)
+    layer = next(m for m in model.modules() if isinstance(m, IDLoRALayer))
+    with torch.no_grad():
+        layer.idlora_T["default"].weight.normal_(generator=torch.Generator().manual_seed(seed))
+    return model, layer
+
+
+def check_gradients(layer, router, rank_boost, h, out_grad, input_grad=True):
+    kind, norm = ROUTERS[router]
+    base = layer.get_base_layer()
+    B, T = layer.idlora_B["default"].weight, layer.idlora_T["default"].weight
+    h = h.clone().requires_grad_(input_grad)
+    got = layer(h)
+    got.backward(out_grad)
+    h64 = h.detach().double().requires_grad_(input_grad)
+    B64, T64 = B.detach().double().requires_grad_(), T.detach().double().requires_grad_()
+    bias = base.bias.detach().double() if base.bias is not None else None
+    expected = reference(base_weight_rows(layer).double(), bias, layer.idlora_indices["default"], B64, T64, kind,
+                         norm, rank_boost, 12 / 8, h64.reshape(-1, h.shape[-1]))
+    expected.backward(out_grad.double().reshape(expected.shape))
+    torch.testing.assert_close(got.detach().double().reshape(expected.shape), expected.detach(),
+                               rtol=1e-5, atol=1e-5)
+    pairs = [(B.grad, B64.grad), (T.grad, T64.grad)] + ([(h.grad, h64.grad.reshape(h.shape))] if input_grad else [])
+    for mine, theirs in pairs:
+        assert theirs.abs().max() > 1e-3  # a gradient that is really there
+        torch.testing.assert_close(mine.double(), theirs, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["fused", "general"])
+@pytest.mark.parametrize("router", list(ROUTERS))
+@pytest.mark.parametrize("rank_boost", [1, 2])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gradients_match_dense_reference(path, router, rank_boost, bias, monkeypatch):
+    base = nn.Linear(20, 24, bias=bias)
+    if bias:
+        set_nonzero_biases(base)
+    model, layer = adapted(base, router, rank_boost)
+    if path == "general":  # the autograd path of several adapters, half-precision bases and dropout
+        monkeypatch.setattr(type(layer), "_fused_forward", lambda *args: None)
+    calls = []
+    monkeypatch.setattr(GatherMixAdd, "backward", record(calls, GatherMixAdd.backward))
+    gen = torch.Generator().manual_seed(1)
+    h, out_grad = torch.randn(2, 5, 20, generator=gen), torch.randn(2, 5, 24, generator=gen)
+    check_gradients(layer, router, rank_boost, h, out_grad)
+    assert len(calls) == (1 if path == "fused" else 0)
+
+
+def record(calls, backward):
+    def wrapped(ctx, *grads):
+        calls.append(ctx)
+        return backward(ctx, *grads)
+    return staticmethod(wrapped)
+
+
+@pytest.mark.parametrize("router", list(ROUTERS))
+def test_conv1d_gradients_match_dense_reference(router):
+    """Conv1D's output is a view of its addmm: the in-place update and its backward go through the view."""
+    base = set_nonzero_biases(Conv1D(24, 20))  # nf=24 outputs, nx=20 inputs; weight stored [20, 24]
+    _, layer = adapted(base, router, 2)
+    gen = torch.Generator().manual_seed(2)
+    check_gradients(layer, router, 2, torch.randn(3, 4, 20, generator=gen), torch.randn(3, 4, 24, generator=gen))
+
+
+@pytest.mark.parametrize("router", list(ROUTERS))
+def test_gradients_without_an_input_gradient(router):
+    """The first adapted layer of a frozen model: its input needs no gradient, B and T do."""
+    _, layer = adapted(nn.Linear(20, 24), router, 1)
+    gen = torch.Generator().manual_seed(3)
+    check_gradients(layer, router, 1, torch.randn(6, 20, generator=gen), torch.randn(6, 24, generator=gen),
+                    input_grad=False)
+
+
+def test_frozen_adapter_passes_the_input_gradient():
+    """B and T frozen (a loaded adapter, not trainable): the input still gets the adapter's share."""
+    _, layer = adapted(nn.Linear(20, 24), "token", 2)
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    h = torch.randn(6, 20, requires_grad=True)
+    out_grad = torch.randn(6, 24)
+    layer(h).backward(out_grad)
+    W = base_weight_rows(layer).double()
+    h64 = h.detach().double().requires_grad_()
+    reference(W, layer.get_base_layer().bias.double(), layer.idlora_indices["default"],
+              layer.idlora_B["default"].weight.double(), layer.idlora_T["default"].weight.double(), "token", "none",
+              2, 12 / 8, h64).backward(out_grad.double())
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("router", list(ROUTERS))
+def test_gather_mix_add_passes_gradcheck(router):
+    """The hand-written backward against finite differences, in float64, with a bias and rank boosting."""
+    kind, norm = ROUTERS[router]
+    gen = torch.Generator().manual_seed(4)
+    k, r, f, d_out = 2, 4, 2, 10
+    flat = torch.randperm(d_out, generator=gen)[: k * r]
+    bias = torch.randn(k * r, dtype=torch.float64, generator=gen)
+    B = torch.randn(d_out // f, r // f, dtype=torch.float64, generator=gen, requires_grad=True)
+    router_weight = torch.randn(k if kind == "static" else (1, r), dtype=torch.float64, generator=gen,
+                                requires_grad=True)
+    base_out = torch.randn(3, d_out, dtype=torch.float64, generator=gen, requires_grad=True)
+
+    def fn(base_out, B, router_weight):
+        return GatherMixAdd.apply(base_out.clone(), flat, bias, B, router_weight, kind == "static", norm == "rms", k,
+                                  0.7, lambda v: None)
+
+    assert torch.autograd.gradcheck(fn, (base_out, B, router_weight))

@@ -3,8 +3,8 @@
 Under ZeRO-3 every parameter created inside `deepspeed.zero.Init` (for instance by `from_pretrained` or
 `from_config` once a `TrainingArguments(deepspeed=...)` or `HfDeepSpeedConfig` is alive) is partitioned over
 the ranks of `weight.ds_process_group`: `weight.shape == (0,)`, the full shape is in `weight.ds_shape`, and
-the rank of group rank `i` holds elements `[i * p, (i + 1) * p)` of the flattened weight in `weight.ds_tensor`
-(`p = ds_tensor.ds_numel`, the last shard padded up to `p`; DeepSpeed's `_partition_param`). ID-LoRA needs the
+group rank `i` holds elements `[i * p, (i + 1) * p)` of the flattened weight in `weight.ds_tensor` (`p =
+ds_tensor.ds_numel`, the last shard padded up to `p`; DeepSpeed's `_partition_param`). ID-LoRA needs the
 full `[d_out, d_in]` weight once, to cluster its rows, and only on the rank that clusters that module.
 
 `idlora_weight_context` answers for a module whose `weight` is a ZeRO-3 parameter (it has `ds_id`) with
@@ -15,9 +15,10 @@ alone joins them into the full weight and returns it from `__enter__` (the other
   module its rank clusters, so the extra memory is one gathered weight plus one copy on the owner, and nothing
   on the other ranks (an all-gather would give every rank every weight);
 - a collective: every rank enters it for the same modules in the same order (the core guarantees it);
-- the group is the one DeepSpeed partitioned the weight over (`ds_process_group`, the world unless a
-  data-parallel or MiCS shard group was given), `owner_rank` is a global rank: a group that does not hold the
-  owner (MiCS replicas) skips the module, since its ranks do not read it;
+- the group is the one DeepSpeed partitioned the weight over (`ds_process_group`: the world, unless
+  `zero.Init(data_parallel_group=...)` or an expert-parallel group made it a subset); `owner_rank` is a global
+  rank, and a group that does not hold the owner skips the module (none of its ranks reads it; the owner gets
+  its own group's weight, as an all-gather within each group would give it);
 - no communication when the weight is already whole (`ds_status` AVAILABLE, e.g. inside another
   `GatheredParameters`: its `data` is returned) or the group has one rank (the shard is the weight);
 - the shards go over the group's backend: on CPU for gloo, on the current accelerator device otherwise (NCCL
@@ -70,7 +71,7 @@ class GatherToOwner:
             return self.full
         group = getattr(param, "ds_process_group", None) if dist.is_initialized() else None
         members = dist.get_process_group_ranks(group or dist.group.WORLD) if dist.is_initialized() else [0]
-        if self.owner_rank not in members:  # another group (a MiCS replica) gathers it for the owner
+        if self.owner_rank not in members:  # the owner's own group gathers it for the owner
             return None
         shard = param.ds_tensor.detach().view(-1)
         if len(members) == 1:  # the shard is the whole weight

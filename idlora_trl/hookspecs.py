@@ -49,11 +49,17 @@ def idlora_select_rows(weight: torch.Tensor, module_name: str, config) -> Option
 
 
 @hookspec(firstresult=True)
-def idlora_weight_context(module: nn.Module, module_name: str) -> Optional[AbstractContextManager]:
-    """A context manager inside which `module.weight` holds the full weight, read-only.
+def idlora_weight_context(module: nn.Module, module_name: str, owner_rank: int) -> Optional[AbstractContextManager]:
+    """A context manager inside which rank `owner_rank` can read the full weight of `module`, read-only.
 
-    The built-in one does nothing (the weight is already there); the DeepSpeed plugin gathers a ZeRO-3
-    partitioned weight for the duration. Entered once per module, in the same module order on every rank.
+    Entered once per module on every rank, in the same module order; `owner_rank` (a global rank) is the one
+    rank that reads the weight, the others only take part (e.g. in a collective). `__enter__` returns either
+    the full weight in the module's stored layout (`[d_out, d_in]` for `nn.Linear`, `[d_in, d_out]` for
+    transformers' `Conv1D`), valid on `owner_rank` and only inside the context, or `None` (or anything that is
+    not a tensor, such as an older plugin's `self`): then `module.weight` is read and must hold the full weight.
+    The built-in one is `contextlib.nullcontext()` (the weight is already there); the DeepSpeed plugin gathers a
+    ZeRO-3 partitioned weight to `owner_rank` alone and returns it there. An implementation may leave
+    `owner_rank` out of its signature (pluggy passes only the arguments it names).
     Return `None` if this plugin does not handle `module`.
     """
 

@@ -52,9 +52,9 @@ def layer_shape(base_layer: nn.Module) -> tuple[int, int]:
     raise TypeError(f"unsupported layer type {type(base_layer).__name__}")
 
 
-def weight_rows(base_layer: nn.Module) -> torch.Tensor:
-    """The base weight as `[d_out, d_in]` rows (a view; Conv1D stores the transpose)."""
-    weight = base_layer.weight
+def weight_rows(base_layer: nn.Module, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The base weight (or `weight`, stored alike) as `[d_out, d_in]` rows (a view; Conv1D stores the transpose)."""
+    weight = base_layer.weight if weight is None else weight
     return weight.T if isinstance(base_layer, Conv1D) else weight
 
 

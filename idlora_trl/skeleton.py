@@ -10,10 +10,11 @@ In order of preference per layer:
 5. otherwise cluster the weight, through the plugin hooks of `hookspecs.py`.
 
 Clustering in several processes (DDP, DeepSpeed ZeRO-3): modules are dealt round-robin to the ranks. For each
-group of `world_size` modules, every rank enters the weight context of every module in the same order (under
-ZeRO-3 that is a collective gather) and keeps a float32 copy of its own module only, so at most one gathered
-weight is held at a time, plus this rank's copies of the current window (about `COPY_BUDGET_BYTES`); at the end
-of each window every rank clusters its copies, in parallel. An error on any rank is
+group of `world_size` modules, every rank enters the weight context of every module in the same order, naming
+the module's owner (under ZeRO-3 that is a collective gather of the shards to the owner alone), and keeps a
+float32 copy of its own module only (the tensor the context returned, else `module.weight`), so at most one
+gathered weight is held at a time, plus this rank's copies of the current window (about `COPY_BUDGET_BYTES`);
+at the end of each window every rank clusters its copies, in parallel. An error on any rank is
 shared before the results are, so every rank raises it and none waits forever. `idlora_sync_indices` then
 gives every rank every table.
 """
@@ -102,10 +103,16 @@ def decompose_layers(layers: list[tuple[str, IDLoRALayer]], adapter_name: str, c
         group = layers[offset: offset + world]
         for j, (name, layer) in enumerate(group):
             base = layer.get_base_layer()
-            with hook.idlora_weight_context(module=base, module_name=name):
+            # rank j owns module `offset + j` (`owners` above); every rank enters, only the owner reads
+            with hook.idlora_weight_context(module=base, module_name=name, owner_rank=j) as full:
                 if j == rank and error is None:  # keep a float32 copy: the context may free the weight
                     try:
-                        pending.append((name, weight_rows(base).detach().to(torch.float32, copy=True)))
+                        # the tensor the context gave, else `base.weight` (an old plugin's `__enter__` may give `self`)
+                        rows = weight_rows(base, full if isinstance(full, torch.Tensor) else None)
+                        if tuple(rows.shape) != (layer.out_features, layer.in_features):
+                            raise ValueError(f"the weight context gave shape {tuple(rows.shape)} for "
+                                             f"{(layer.out_features, layer.in_features)} rows")
+                        pending.append((name, rows.detach().to(torch.float32, copy=True)))
                     except Exception as exc:  # e.g. out of memory: shared below like a clustering error
                         error = f"ID-LoRA could not copy the weight of module {name!r} on rank {rank}: {exc}"
         # Every rank computes the same window (from the shapes alone), so all ranks cluster at the same points

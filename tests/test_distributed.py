@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_llama
+from helpers import make_gpt2, make_llama
 from launch import free_port, torchrun
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
@@ -71,16 +71,22 @@ def losses(facts: dict, key: str = "loss") -> list[float]:
 # ------------------------------------------------------------------------------------------ ZeRO-3 + TRL
 
 
-def test_zero3_decomposition_gathers_one_weight_at_a_time(zero3_run):
+def test_zero3_decomposition_gathers_each_weight_to_its_owner_only(zero3_run):
     for facts in ranks(zero3_run):
         assert "deepspeed" in facts["plugins"]  # registered by the entry point, not by the script
         assert facts["partitioned_at_creation"]
         contexts = facts["weight_contexts"]
-        assert len(contexts) == MODULES
-        assert {c["context"] for c in contexts} == {"GatheredParameters"}
-        assert all(c["shape_inside"] == c["full_shape"] for c in contexts)  # the full weight, while it clusters
+        assert len(contexts) == MODULES  # every rank enters every module's context
+        assert {c["context"] for c in contexts} == {"GatherToOwner"}
+        assert all(c["shape_inside"] == [0] for c in contexts)  # `weight` itself is never gathered, on no rank
+        mine = [c for c in contexts if c["owner"] == facts["rank"]]
+        assert len(mine) == MODULES // 2
+        assert all(c["returned"] == c["full_shape"] for c in mine)  # the owner gets the whole weight...
+        assert all(c["returned"] is None and c["nbytes"] == 0 for c in contexts if c not in mine)  # others: nothing
         assert facts["peak_gathered_bytes"] == max(c["nbytes"] for c in contexts)  # never two at once
         assert facts["still_partitioned_after_decomposition"]
+    first, second = ([(c["module"], c["owner"]) for c in facts["weight_contexts"]] for facts in ranks(zero3_run))
+    assert first == second  # the same modules, in the same order, with the same owners
 
 
 def test_zero3_indices_equal_on_both_ranks_and_to_one_process(zero3_run):
@@ -217,6 +223,27 @@ def test_get_peft_model_on_two_ranks_matches_one_process(indices_run, kind):
         assert all(run["still_partitioned"] for run in runs)
 
 
+def test_zero3_weight_context_gathers_the_exact_weight_to_its_owner_only(indices_run):
+    reference = make_llama(seed=0)  # the weights the ranks loaded into their partitioned model
+    odd = torch.arange(35.0).view(5, 7)
+    for rank in (0, 1):
+        run = torch.load(indices_run / f"zero3_rank{rank}.pt")
+        contexts = run["contexts"]
+        assert len(contexts) == MODULES and {c["owner"] for c in contexts} == {0, 1}
+        for c in contexts:  # no rank ever had the whole weight in `module.weight`: nothing was all-gathered
+            assert c["weight_status"] == "NOT_AVAILABLE" and c["weight_shape"] == (0,)
+            assert c["got"] == (c["owner"] == rank)  # the owner got a tensor, the other rank None
+        assert run["gathered"].keys() == {c["module"] for c in contexts if c["owner"] == rank}
+        for name, weight in run["gathered"].items():  # bit for bit the weight the model holds
+            assert torch.equal(weight, reference.get_submodule(name).weight.detach()), name
+        for dtype in (torch.float32, torch.bfloat16):  # a padded last shard, in both dtypes
+            answers = run[f"odd_{str(dtype).removeprefix('torch.')}"]
+            assert answers[1 - rank] is None
+            assert answers[rank].dtype == dtype and torch.equal(answers[rank], odd.to(dtype))
+        q = reference.model.layers[0].self_attn.q_proj.weight.detach()
+        assert run["available"][1 - rank] is None and torch.equal(run["available"][rank], q)
+
+
 @pytest.mark.parametrize("how", ["exception", "crash"])
 def test_a_rank_failing_in_the_decomposition_fails_every_rank(workdir, how):
     out = workdir / f"fail-{how}"
@@ -292,23 +319,32 @@ def zero3_in_this_process(monkeypatch):
             monkeypatch.delenv(key)
 
 
-def test_zero3_in_one_process_gathers_for_a_plain_get_peft_model(zero3_in_this_process):
+@pytest.mark.parametrize("maker,module,stored_shape,modules", [
+    (make_llama, "model.layers.1.mlp.down_proj", (64, 128), MODULES),
+    (make_gpt2, "transformer.h.1.mlp.c_fc", (64, 256), 8),  # Conv1D: stored as [d_in, d_out]
+])
+def test_zero3_in_one_process_gathers_for_a_plain_get_peft_model(zero3_in_this_process, maker, module, stored_shape,
+                                                                  modules):
     import deepspeed
     from transformers.integrations import HfDeepSpeedConfig
 
     ds_config = json.loads((files("idlora_trl.integrations.deepspeed") / "zero3_cpu_fp32.json").read_text())
     ds_config.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1, train_batch_size=1,
                      gradient_clipping=1.0)
-    reference = make_llama(seed=0)
+    reference = maker(seed=0)
     single = one_process_indices(reference)
     keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841  (zero.Init in from_config)
     model = AutoModelForCausalLM.from_config(reference.config)
     with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
         model.load_state_dict(reference.state_dict())
-    weight = model.model.layers[1].mlp.down_proj.weight
-    assert tuple(weight.shape) == (0,) and tuple(weight.ds_shape) == (64, 128)  # partitioned, world of one
+    base = model.get_submodule(module)
+    weight = base.weight
+    assert tuple(weight.shape) == (0,) and tuple(weight.ds_shape) == stored_shape  # partitioned, world of one
+    hook = get_plugin_manager().hook
+    with hook.idlora_weight_context(module=base, module_name=module, owner_rank=0) as full:  # the shard is all
+        assert torch.equal(full, reference.get_submodule(module).weight) and tuple(weight.shape) == (0,)
     peft_model = get_peft_model(model, idlora_config())
-    assert tuple(weight.shape) == (0,)  # released again after the decomposition
+    assert tuple(weight.shape) == (0,)  # never gathered into `weight` by the decomposition
     indices = get_indices(peft_model)
-    assert indices.keys() == single.keys() and len(single) == MODULES
+    assert indices.keys() == single.keys() and len(single) == modules
     assert all(torch.equal(indices[name], single[name]) for name in single)

@@ -55,12 +55,13 @@ def sft_run(tiny_model_dir, tmp_path_factory) -> Path:
 
 def check_run(out: Path, log: str, model_dir: str, command: str) -> None:
     ranks = rank_facts(out)
-    # Partitioned on load: every weight was gathered by the DeepSpeed plugin, and was whole inside its context.
+    # Partitioned on load: every weight was gathered by the DeepSpeed plugin to the rank that clusters it, whole.
     for facts in ranks:
         contexts = facts["weight_contexts"]
         assert len(contexts) == 14  # 2 layers x 7 projections, entered on every rank
-        assert {c["context"] for c in contexts} == {"GatheredParameters"}
-        assert all(c["shape_inside"] == c["full_shape"] for c in contexts)
+        assert {c["context"] for c in contexts} == {"GatherToOwner"}
+        assert all(c["returned"] == (c["full_shape"] if c["owner"] == facts["rank"] else None) for c in contexts)
+        assert all(c["shape_inside"] == [0] for c in contexts)
         assert facts["process_group_left"]
     assert ranks[0]["indices_hashes"] == ranks[1]["indices_hashes"] and len(ranks[0]["indices_hashes"]) == 1
 

@@ -1,15 +1,18 @@
 """The pluggy hooks: third-party strategies are used, built-ins are plugins, errors are clear."""
 
+import contextlib
 import logging as std_logging
 
 import pytest
 import torch
-from helpers import make_llama
+from helpers import make_gpt2, make_llama
 from peft import get_peft_model
+from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging
 
 from idlora_trl import IDLoRAConfig, get_indices
 from idlora_trl.hookspecs import hookimpl
+from idlora_trl.layer import layer_shape
 from idlora_trl.plugins import get_plugin_manager, selection_names
 
 
@@ -97,6 +100,86 @@ def test_a_bad_plugin_answer_is_reported_with_the_module():
     try:
         with pytest.raises(ValueError, match=r"module 'model\.layers\.\d\.[a-z_.]+' has shape \(3,\)"):
             get_peft_model(make_llama(), IDLoRAConfig(r=8, num_clusters=2))
+    finally:
+        get_plugin_manager().unregister(plugin)
+
+
+class RowNumberWeight:
+    """A weight context that gives the core its own tensor instead of `module.weight`: row i is all i, in the
+    module's stored layout (Conv1D: `[d_in, d_out]`). Records the owner rank it was given."""
+
+    def __init__(self) -> None:
+        self.owners: list[int] = []
+
+    @hookimpl(tryfirst=True)
+    def idlora_weight_context(self, module, module_name, owner_rank):
+        self.owners.append(owner_rank)
+        d_out, d_in = layer_shape(module)
+        rows = torch.arange(float(d_out))[:, None].expand(d_out, d_in)
+        return contextlib.nullcontext((rows.T if isinstance(module, Conv1D) else rows).contiguous())
+
+
+@pytest.mark.parametrize("maker", [make_llama, make_gpt2])
+def test_the_weight_a_context_returns_is_the_one_clustered(largest_norm_plugin, maker):
+    """What `__enter__` returns is clustered, not `module.weight`; a Conv1D weight comes in its stored layout."""
+    plugin = RowNumberWeight()
+    get_plugin_manager().register(plugin)
+    try:
+        peft_model = get_peft_model(maker(), IDLoRAConfig(r=8, num_clusters=2, selection="largest-norm"))
+    finally:
+        get_plugin_manager().unregister(plugin)
+    indices = get_indices(peft_model)
+    assert plugin.owners == [0] * len(indices)  # one process: rank 0 reads every weight
+    for name, table in indices.items():  # the largest norms are the last rows, whatever the real weight is
+        d_out = layer_shape(peft_model.base_model.model.get_submodule(name).get_base_layer())[0]
+        assert table.tolist() == torch.arange(d_out - 1, d_out - 17, -1).reshape(2, 8).tolist(), name
+
+
+def test_a_weight_context_without_owner_rank_still_works():
+    """An implementation written before `owner_rank` existed: pluggy calls it without the argument, and its
+    `__enter__` returns itself (not a tensor), so the core reads `module.weight`."""
+
+    class OldStyle:
+        entered = 0
+
+        @hookimpl(tryfirst=True)
+        def idlora_weight_context(self, module, module_name):
+            plugin = self
+
+            class Context:
+                def __enter__(self_inner):
+                    plugin.entered += 1
+                    return self_inner
+
+                def __exit__(self_inner, *exc):
+                    return None
+
+            return Context()
+
+    config = IDLoRAConfig(r=8, num_clusters=2, selection="sequential")
+    expected = get_indices(get_peft_model(make_llama(), config))
+    plugin = OldStyle()
+    get_plugin_manager().register(plugin)
+    try:
+        indices = get_indices(get_peft_model(make_llama(), config))
+    finally:
+        get_plugin_manager().unregister(plugin)
+    assert plugin.entered == len(expected) == 14
+    assert all(torch.equal(indices[name], expected[name]) for name in expected)
+
+
+def test_a_weight_of_the_wrong_shape_from_a_context_is_reported_with_the_module():
+    class WrongShape:
+        @hookimpl(tryfirst=True)
+        def idlora_weight_context(self, module, module_name, owner_rank):
+            return contextlib.nullcontext(torch.zeros(3, 5))
+
+    plugin = WrongShape()
+    get_plugin_manager().register(plugin)
+    try:
+        with pytest.raises(ValueError, match=r"weight of module 'model\.layers\.\d\.self_attn\.q_proj' on rank 0: "
+                                             r"the weight context gave shape \(3, 5\) for \(64, 64\) rows"):
+            get_peft_model(make_llama(), IDLoRAConfig(r=8, num_clusters=2, target_modules=["q_proj"]))
     finally:
         get_plugin_manager().unregister(plugin)
 

@@ -45,7 +45,7 @@ def main() -> None:
         cli_main(argv)
     finally:
         write_json(out / f"cli_rank{rank}.json", {
-            "weight_contexts": probe.records, "indices_hashes": recorder.hashes,
+            "rank": rank, "weight_contexts": probe.records, "indices_hashes": recorder.hashes,
             "process_group_left": not dist.is_initialized()})
 
 

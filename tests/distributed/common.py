@@ -72,9 +72,10 @@ def tiny_llama_config(vocab_size: int, bias: bool = False, hidden: int = 64, lay
 
 
 class WeightContextProbe:
-    """Instrumentation only: wraps whatever context the other plugins return and records, per module, what
-    the weight looked like inside it (full shape or not), the context's type, and the most bytes of
-    gathered weights alive at once. It never changes the weight or the answer."""
+    """Instrumentation only: wraps whatever context the other plugins return and records, per module, the owner
+    rank, the context's type, what `__enter__` returned (its shape, or None), what `module.weight` looked like
+    inside (full shape or not), and the most bytes of gathered weights alive at once on this rank (the returned
+    tensor, else `module.weight` when it is whole). It never changes the weight or the answer."""
 
     def __init__(self) -> None:
         self.records: list[dict] = []
@@ -82,7 +83,7 @@ class WeightContextProbe:
         self.peak_live_bytes = 0
 
     @hookimpl(wrapper=True)
-    def idlora_weight_context(self, module, module_name):
+    def idlora_weight_context(self, module, module_name, owner_rank):
         context = yield
         probe = self
 
@@ -90,15 +91,16 @@ class WeightContextProbe:
             def __enter__(self_inner):
                 value = context.__enter__()
                 weight = module.weight
-                nbytes = weight.numel() * weight.element_size()
+                full_shape = list(getattr(weight, "ds_shape", weight.shape))
+                held = value if value is not None else weight if list(weight.shape) == full_shape else None
+                nbytes = 0 if held is None else held.numel() * held.element_size()
                 probe.live_bytes += nbytes
                 probe.peak_live_bytes = max(probe.peak_live_bytes, probe.live_bytes)
                 self_inner.nbytes = nbytes
                 probe.records.append({
-                    "module": module_name, "context": type(context).__name__,
-                    "shape_inside": list(weight.shape),
-                    "full_shape": list(getattr(weight, "ds_shape", weight.shape)),
-                    "nbytes": nbytes,
+                    "module": module_name, "owner": owner_rank, "context": type(context).__name__,
+                    "returned": None if value is None else list(value.shape),
+                    "shape_inside": list(weight.shape), "full_shape": full_shape, "nbytes": nbytes,
                 })
                 return value
 

@@ -7,6 +7,10 @@
 2. ZeRO-3: the same weights in a model partitioned by `zero.Init` (`HfDeepSpeedConfig` alive, `from_config`),
    then a plain `get_peft_model`; the DeepSpeed plugin comes from the entry point. Writes OUT/zero3_rank{R}.pt.
    Step 1 clusters all of a rank's copies in one window (the default budget), step 2 one group at a time.
+   Step 2 also records what the DeepSpeed weight context gave this rank for each module (a copy of the tensor,
+   or None) and the state of `module.weight` inside it; then, outside the decomposition, what it gives each
+   owner for a 5x7 weight (35 elements: the last shard is padded), in float32 and bfloat16, and for a weight
+   already whole inside `GatheredParameters`.
 
 With `--fail-rank R`, only step 2 runs and a test plugin raises while rank R clusters its first module: every
 rank must end with an error (written to OUT/error_rank{R}.txt), none may hang. With `--crash` as well, rank R
@@ -52,6 +56,47 @@ class FailOnRank:
                 os._exit(3)
             raise RuntimeError("injected failure")
         return None
+
+
+class CaptureGathered:
+    """Records, per module, what the weight context gave this rank (a copy of the tensor, or None) and whether
+    `module.weight` itself was whole inside it (an all-gather would make it so). Changes nothing."""
+
+    def __init__(self) -> None:
+        self.contexts: list[dict] = []
+        self.gathered: dict = {}
+
+    @hookimpl(wrapper=True)
+    def idlora_weight_context(self, module, module_name, owner_rank):
+        context = yield
+        capture = self
+
+        class Captured:
+            def __enter__(self_inner):
+                value = context.__enter__()
+                weight = module.weight
+                capture.contexts.append({"module": module_name, "owner": owner_rank, "got": value is not None,
+                                         "weight_status": weight.ds_status.name, "weight_shape": tuple(weight.shape)})
+                if value is not None:
+                    capture.gathered[module_name] = value.detach().clone()
+                return value
+
+            def __exit__(self_inner, *exc):
+                return context.__exit__(*exc)
+
+        return Captured()
+
+
+def gathered_by_owner(module, world: int) -> list:
+    """What the weight context of `module` gives this rank with each owner in turn (a copy, or None)."""
+    from idlora_trl.plugins import get_plugin_manager
+
+    answers = []
+    for owner in range(world):
+        with get_plugin_manager().hook.idlora_weight_context(module=module, module_name="probe",
+                                                             owner_rank=owner) as value:
+            answers.append(None if value is None else value.detach().clone())
+    return answers
 
 
 def main() -> None:
@@ -116,9 +161,25 @@ def main() -> None:
             raise
         (out / f"no_error_rank{rank}.txt").write_text("get_peft_model returned")
         return
+    q_proj = model.model.layers[0].self_attn.q_proj
+    capture = CaptureGathered()
+    manager.register(capture, name="test-capture")
     model = get_peft_model(model, idlora_config())
-    torch.save({"indices": get_indices(model), "clustered_here": list(counter.modules),
-                "still_partitioned": tuple(q.shape) == (0,)}, out / f"zero3_rank{rank}.pt")
+    manager.unregister(capture)
+    facts = {"indices": get_indices(model), "clustered_here": list(counter.modules),
+             "still_partitioned": tuple(q.shape) == (0,), "contexts": capture.contexts,
+             "gathered": capture.gathered}
+    for dtype in (torch.float32, torch.bfloat16):  # 35 elements over 2 ranks: shards of 18, the last one padded
+        with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
+            odd = torch.nn.Linear(7, 5, bias=False, dtype=dtype)
+        assert tuple(odd.weight.shape) == (0,) and odd.weight.dtype == dtype
+        with deepspeed.zero.GatheredParameters([odd.weight], modifier_rank=0), torch.no_grad():
+            if rank == 0:
+                odd.weight.copy_(torch.arange(35.0).view(5, 7))
+        facts[f"odd_{str(dtype).removeprefix('torch.')}"] = gathered_by_owner(odd, world)
+    with deepspeed.zero.GatheredParameters([q], modifier_rank=None):  # whole on every rank: no communication
+        facts["available"] = gathered_by_owner(q_proj, world)
+    torch.save(facts, out / f"zero3_rank{rank}.pt")
 
 
 if __name__ == "__main__":

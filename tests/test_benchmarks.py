@@ -187,3 +187,17 @@ def test_overhead_parses_time_v():
                                            "max_rss_kb": 2863412.0}
     with pytest.raises(ValueError, match="Minor"):
         overhead.parse_time_v(text.replace("Minor", "Major"))
+
+
+def test_paired_interval_of_the_training_ratios():
+    """The per-round ratio's median and its distribution-free 95% interval (binomial order statistics)."""
+    sys.path.insert(0, str(RUN.parent))
+    import training
+
+    lora = [1.0] * 16
+    res = {"step_s": {"LoRA": lora, "ID-LoRA": [1.0 + i / 100 for i in range(16)]}}  # ratios 1.00 .. 1.15
+    mid, low, high = training.paired_interval(res, "step_s")
+    # n = 16: P(Binomial(16, 1/2) <= 3) = 0.0106 <= 0.025 < P(<= 4) = 0.0384, so the 4th and 13th ratios
+    assert (round(mid, 3), round(low, 2), round(high, 2)) == (1.075, 1.03, 1.12)
+    res["step_s"]["ID-LoRA"] = [1.0, 1.1]  # too few rounds for a 95% interval: the whole range
+    assert training.paired_interval(res, "step_s")[1:] == (1.0, 1.1)

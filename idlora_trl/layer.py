@@ -32,14 +32,11 @@ PLACEHOLDER = -1
 
 
 class ClusterWeights(nn.Module):
-    """The static router: one learned weight `alpha_i` per cluster."""
+    """The static router's state: one learned weight `alpha_i` per cluster (the layer mixes with `fused.mix`)."""
 
     def __init__(self, num_clusters: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.full((num_clusters,), 1.0 / num_clusters))
-
-    def forward(self, xi: torch.Tensor) -> torch.Tensor:  # [..., k, r] -> [..., r]
-        return torch.einsum("...kr,k->...r", xi, self.weight)
 
 
 def layer_shape(base_layer: nn.Module) -> tuple[int, int]:

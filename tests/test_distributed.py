@@ -231,8 +231,8 @@ def test_zero3_weight_context_gathers_the_exact_weight_to_its_owner_only(indices
         contexts = run["contexts"]
         assert len(contexts) == MODULES and {c["owner"] for c in contexts} == {0, 1}
         for c in contexts:  # no rank ever had the whole weight in `module.weight`: nothing was all-gathered
-            assert c["weight_status"] == "NOT_AVAILABLE" and c["weight_shape"] == (0,)
-            assert c["got"] == (c["owner"] == rank)  # the owner got a tensor, the other rank None
+            assert c["status"] == "NOT_AVAILABLE" and c["shape_inside"] == [0]
+            assert (c["returned"] is not None) == (c["owner"] == rank)  # the owner got a tensor, the other None
         assert run["gathered"].keys() == {c["module"] for c in contexts if c["owner"] == rank}
         for name, weight in run["gathered"].items():  # bit for bit the weight the model holds
             assert torch.equal(weight, reference.get_submodule(name).weight.detach()), name

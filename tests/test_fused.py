@@ -31,20 +31,11 @@ def reference(W, b, indices, B, T, router, norm, f, scaling, h):
     return out + scaling * v @ torch.block_diag(*[B] * f).T
 
 
-class One(nn.Module):
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, h):
-        return self.layer(h)
-
-
 def adapted(base: nn.Module, router: str, rank_boost: int, seed: int = 0):
     kind, norm = ROUTERS[router]
     config = IDLoRAConfig(r=8, num_clusters=3, rank_boost=rank_boost, router=kind, router_norm=norm,
-                          idlora_alpha=12, init_weights=False, target_modules=["layer"])
-    model = get_peft_model(One(base), config)
+                          idlora_alpha=12, init_weights=False, target_modules=["0"])
+    model = get_peft_model(nn.Sequential(base), config)
     layer = next(m for m in model.modules() if isinstance(m, IDLoRALayer))
     with torch.no_grad():
         layer.idlora_T["default"].weight.normal_(generator=torch.Generator().manual_seed(seed))

@@ -75,10 +75,13 @@ class WeightContextProbe:
     """Instrumentation only: wraps whatever context the other plugins return and records, per module, the owner
     rank, the context's type, what `__enter__` returned (its shape, or None), what `module.weight` looked like
     inside (full shape or not), and the most bytes of gathered weights alive at once on this rank (the returned
-    tensor, else `module.weight` when it is whole). It never changes the weight or the answer."""
+    tensor, else `module.weight` when it is whole). With `keep=True` it also keeps a copy of every tensor
+    `__enter__` returned, in `gathered` (module name -> tensor). It never changes the weight or the answer."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep: bool = False) -> None:
         self.records: list[dict] = []
+        self.gathered: dict = {}
+        self.keep = keep
         self.live_bytes = 0
         self.peak_live_bytes = 0
 
@@ -97,11 +100,15 @@ class WeightContextProbe:
                 probe.live_bytes += nbytes
                 probe.peak_live_bytes = max(probe.peak_live_bytes, probe.live_bytes)
                 self_inner.nbytes = nbytes
+                status = getattr(weight, "ds_status", None)
                 probe.records.append({
                     "module": module_name, "owner": owner_rank, "context": type(context).__name__,
                     "returned": None if value is None else list(value.shape),
                     "shape_inside": list(weight.shape), "full_shape": full_shape, "nbytes": nbytes,
+                    "status": None if status is None else status.name,
                 })
+                if probe.keep and value is not None:
+                    probe.gathered[module_name] = value.detach().clone()
                 return value
 
             def __exit__(self_inner, *exc):

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import CPU_CONFIG, hookimpl, idlora_config, init_deepspeed, shutdown
+from common import CPU_CONFIG, WeightContextProbe, hookimpl, idlora_config, init_deepspeed, shutdown
 
 
 class CountClustering:
@@ -56,35 +56,6 @@ class FailOnRank:
                 os._exit(3)
             raise RuntimeError("injected failure")
         return None
-
-
-class CaptureGathered:
-    """Records, per module, what the weight context gave this rank (a copy of the tensor, or None) and whether
-    `module.weight` itself was whole inside it (an all-gather would make it so). Changes nothing."""
-
-    def __init__(self) -> None:
-        self.contexts: list[dict] = []
-        self.gathered: dict = {}
-
-    @hookimpl(wrapper=True)
-    def idlora_weight_context(self, module, module_name, owner_rank):
-        context = yield
-        capture = self
-
-        class Captured:
-            def __enter__(self_inner):
-                value = context.__enter__()
-                weight = module.weight
-                capture.contexts.append({"module": module_name, "owner": owner_rank, "got": value is not None,
-                                         "weight_status": weight.ds_status.name, "weight_shape": tuple(weight.shape)})
-                if value is not None:
-                    capture.gathered[module_name] = value.detach().clone()
-                return value
-
-            def __exit__(self_inner, *exc):
-                return context.__exit__(*exc)
-
-        return Captured()
 
 
 def gathered_by_owner(module, world: int) -> list:
@@ -162,13 +133,12 @@ def main() -> None:
         (out / f"no_error_rank{rank}.txt").write_text("get_peft_model returned")
         return
     q_proj = model.model.layers[0].self_attn.q_proj
-    capture = CaptureGathered()
-    manager.register(capture, name="test-capture")
+    probe = WeightContextProbe(keep=True)
+    manager.register(probe, name="test-probe")
     model = get_peft_model(model, idlora_config())
-    manager.unregister(capture)
+    manager.unregister(probe)
     facts = {"indices": get_indices(model), "clustered_here": list(counter.modules),
-             "still_partitioned": tuple(q.shape) == (0,), "contexts": capture.contexts,
-             "gathered": capture.gathered}
+             "still_partitioned": tuple(q.shape) == (0,), "contexts": probe.records, "gathered": probe.gathered}
     for dtype in (torch.float32, torch.bfloat16):  # 35 elements over 2 ranks: shards of 18, the last one padded
         with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
             odd = torch.nn.Linear(7, 5, bias=False, dtype=dtype)

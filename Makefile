@@ -3,7 +3,7 @@
 #   make dpo    - `idlora-trl dpo` (safety DPO on the built-in preference set)
 #   make demo   - adapt the embedded model, print the parameter table, save and reload
 #   make test   - the whole test suite: the newest stack, Axolotl 0.19's pins, and a real `axolotl train`
-#                 in its own venv (what CI runs, after make lint)
+#                 in its own venv (what CI runs, after make lint); every tier runs, each is reported
 #   make lint   - ruff (configured in pyproject.toml)
 PYTHON ?= python3
 # torch 2.13.0 has a local CPU wheel on the project's machines; an unpinned torch pulls a multi-GB CUDA build.
@@ -52,7 +52,10 @@ test-pins: $(VENV_PINS)/.installed
 test-axolotl:
 	bash integrations/axolotl/ci.sh
 
-test: test-latest test-pins test-axolotl
+# every tier runs even when one fails; each is reported, and the exit status is non-zero if any failed
+TIERS ?= test-latest test-pins test-axolotl
+test:
+	@MAKE="$(MAKE)" bash .ci/tiers.sh $(TIERS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

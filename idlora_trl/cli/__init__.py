@@ -80,7 +80,8 @@ def quiet_deepspeed_on_cpu() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")  # PEFT vs transformers
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # The Hub stays reachable, as for `trl sft`: a user's `--model_name_or_path org/name` or Hub `--dataset_name`
+    # downloads. The main job needs no network (embedded model, built-in data); tests and CI set HF_HUB_OFFLINE.
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:

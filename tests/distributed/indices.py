@@ -139,8 +139,12 @@ def main() -> None:
     manager.unregister(probe)
     facts = {"indices": get_indices(model), "clustered_here": list(counter.modules),
              "still_partitioned": tuple(q.shape) == (0,), "contexts": probe.records, "gathered": probe.gathered}
-    for dtype in (torch.float32, torch.bfloat16):  # 35 elements over 2 ranks: shards of 18, the last one padded
-        with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=dtype):
+    # 35 elements over 2 ranks: shards of 18, the last one padded. The partition's dtype comes from the config (bf16
+    # on or off), as transformers' from_pretrained chooses it: DeepSpeed 0.19 ignores `zero.Init(dtype=...)` on a CPU
+    # without mkldnn fp16 (test_distributed.py::test_zero3_partition_dtype_follows_the_config_on_any_cpu).
+    for dtype in (torch.float32, torch.bfloat16):
+        config = dict(ds_config, bf16={"enabled": dtype == torch.bfloat16})
+        with deepspeed.zero.Init(config_dict_or_path=config):
             odd = torch.nn.Linear(7, 5, bias=False, dtype=dtype)
         assert tuple(odd.weight.shape) == (0,) and odd.weight.dtype == dtype
         with deepspeed.zero.GatheredParameters([odd.weight], modifier_rank=0), torch.no_grad():

@@ -22,6 +22,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -88,15 +89,13 @@ def render(record: dict) -> str:
     """The README's block: the quoted figures, and exactly what reproduces them."""
     m = record["machine"]
     versions = ", ".join(f"{name} {m[name]}" for name in PACKAGES)
-    return "\n".join([
-        BEGIN, "```", *record["figures"], "```", "",
-        f"(Measured by `python benchmarks/main_job.py` on {record['date']}, code at {record['commit']}: "
-        f"{m['cpu']}, mkldnn fp16 {'supported' if m['mkldnn_fp16'] else 'not supported'}, {m['threads']} threads; "
-        f"{versions}. The job took {record['seconds'] / 60:.1f} minutes there, installs not counted. With the same "
-        "code, versions, CPU family and threads these figures are the same on every run (seed 0 fixes the data "
-        "order); another CPU family rounds the last bits differently, which 60 steps carry into the third decimal. "
-        "`tests/test_main_job.py` runs the job again where the machine matches and fails on any difference.)",
-        END])
+    note = (f"(Measured by `python benchmarks/main_job.py` on {record['date']}, code at {record['commit']}: "
+            f"{m['cpu']}, mkldnn fp16 {'supported' if m['mkldnn_fp16'] else 'not supported'}, {m['threads']} "
+            f"threads; {versions}. With the same code, versions, CPU family and threads these figures are the same "
+            "on every run (seed 0 fixes the data order); another CPU family rounds the last bits differently, "
+            "which 60 steps carry into the third decimal. `tests/test_main_job.py` runs the job again where the "
+            "machine matches and fails on any difference.)")
+    return "\n".join([BEGIN, "```", *record["figures"], "```", "", textwrap.fill(note, 116), END])
 
 
 def write_readme(record: dict) -> None:

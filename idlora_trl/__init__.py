@@ -13,6 +13,7 @@ from .counting import count_parameters, format_parameter_table, meta_model
 from .indices import read_indices, save_indices
 from .layer import IDLoRALayer
 from .model import IDLoRAModel
+from .overflow import overflow_check
 from .peft_type import IDLoRAPeftType
 from .registration import register_with_peft
 from .skeleton import decompose, get_indices
@@ -44,6 +45,7 @@ __all__ = [
     "format_parameter_table",
     "get_indices",
     "meta_model",
+    "overflow_check",
     "read_indices",
     "save_indices",
 ]

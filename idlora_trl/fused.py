@@ -21,7 +21,7 @@ references written independently (tests/test_layer.py, tests/test_fused.py).
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -47,8 +47,7 @@ def mix(rows: torch.Tensor, weight: torch.Tensor, static: bool,
 
 
 def _forward_(base_out: torch.Tensor, flat: torch.Tensor, bias: Optional[torch.Tensor], B: torch.Tensor,
-              router: torch.Tensor, static: bool, rms: bool, k: int, scale: float,
-              check: Callable[[torch.Tensor], None]):
+              router: torch.Tensor, static: bool, rms: bool, k: int, scale: float):
     """Adds the update into `base_out` (contiguous, float32) in place; returns what the backward needs."""
     width = B.shape[1]  # r / f
     gathered = base_out.view(-1, base_out.shape[-1]).index_select(1, flat)  # [M, k r], a new tensor
@@ -56,7 +55,6 @@ def _forward_(base_out: torch.Tensor, flat: torch.Tensor, bias: Optional[torch.T
         gathered.sub_(bias)
     rows = gathered.view(gathered.shape[0], k, flat.numel() // k)
     v, alpha, c = mix(rows, router.view(-1), static, rms)
-    check(v)  # before the output changes: the overflow check compares with the base output
     base_out.view(-1, B.shape[0]).addmm_(v.view(-1, width), B.t(), alpha=scale)
     return rows, v, alpha, c
 
@@ -65,8 +63,8 @@ class GatherMixAdd(torch.autograd.Function):
     """`out = Y + s * concat_j(B v_j)` with `v` gathered from `Y` itself, `Y` updated in place (marked dirty)."""
 
     @staticmethod
-    def forward(ctx, base_out, flat, bias, B, router, static, rms, k, scale, check):
-        rows, v, alpha, c = _forward_(base_out, flat, bias, B, router, static, rms, k, scale, check)
+    def forward(ctx, base_out, flat, bias, B, router, static, rms, k, scale):
+        rows, v, alpha, c = _forward_(base_out, flat, bias, B, router, static, rms, k, scale)
         ctx.mark_dirty(base_out)
         ctx.save_for_backward(rows, v, alpha, c, B, router, flat)
         ctx.static, ctx.scale = static, scale
@@ -96,17 +94,16 @@ class GatherMixAdd(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_base = grad_out.clone(memory_format=torch.contiguous_format)
             grad_base.view(M, grad_base.shape[-1]).index_add_(1, flat, grad_rows.view(M, k * r))
-        return grad_base, None, None, grad_B, grad_router, None, None, None, None, None
+        return grad_base, None, None, grad_B, grad_router, None, None, None, None
 
 
 def adapted_output(base_out: torch.Tensor, flat: torch.Tensor, bias: Optional[torch.Tensor], B: torch.Tensor,
-                   router: torch.Tensor, static: bool, rms: bool, k: int, scale: float,
-                   check: Callable[[torch.Tensor], None]) -> torch.Tensor:
+                   router: torch.Tensor, static: bool, rms: bool, k: int, scale: float) -> torch.Tensor:
     """`base_out` with one adapter's update added in place: through `GatherMixAdd` when autograd records, by
     the same arithmetic without a graph otherwise. `base_out` must be contiguous and fresh from the base
     layer (nothing else may hold it); `bias` (the base bias at `flat`) must not need a gradient."""
     if torch.is_grad_enabled() and (base_out.requires_grad or B.requires_grad or router.requires_grad):
-        return GatherMixAdd.apply(base_out, flat, bias, B, router, static, rms, k, scale, check)
+        return GatherMixAdd.apply(base_out, flat, bias, B, router, static, rms, k, scale)
     with torch.no_grad():  # as inside GatherMixAdd
-        _forward_(base_out, flat, bias, B, router, static, rms, k, scale, check)
+        _forward_(base_out, flat, bias, B, router, static, rms, k, scale)
     return base_out

@@ -26,7 +26,7 @@ from transformers.pytorch_utils import Conv1D
 from .config import IDLoRAConfig
 from .decomposition import CLUSTERED
 from .fused import adapted_output, mix
-from .precision import adapter_dtype, float32_region, keep_float32, update_is_surely_finite
+from .precision import adapter_dtype, float32_region, keep_float32
 
 PLACEHOLDER = -1
 
@@ -78,10 +78,11 @@ class IDLoRALayer(BaseTunerLayer):
         self.merged_adapters: list[str] = []
         # Skeleton rows of the *unmerged* weight, per merged adapter: unmerging recomputes the exact delta.
         self._merged_rows: dict[str, torch.Tensor] = {}
-        # Adapters whose indices were checked since they last changed (a check costs a device sync).
-        self._indices_checked: set[str] = set()
-        # max |B| per adapter for the overflow check, keyed by B's version and storage (recomputed when B changes).
-        self._B_max: dict[str, tuple[tuple[int, int], float]] = {}
+        # Adapters whose index table was checked when it was set or loaded: the forward reads this Python set,
+        # never the table itself (that would be a host sync per module per forward, and a torch.compile break).
+        self._indices_ready: set[str] = set()
+        # Set by `overflow.overflow_check` only: the forward then checks each update for inf/NaN (host syncs).
+        self.check_overflow = False
         self.kwargs = kwargs
 
     def update_layer(self, adapter_name: str, config: IDLoRAConfig, inference_mode: bool = False) -> None:
@@ -98,7 +99,7 @@ class IDLoRALayer(BaseTunerLayer):
         dropout = config.idlora_dropout
         self.idlora_dropout[adapter_name] = nn.Dropout(dropout) if dropout else nn.Identity()
         self.idlora_indices[adapter_name] = torch.full((k, r), PLACEHOLDER, dtype=torch.long)
-        self._indices_checked.discard(adapter_name)
+        self._indices_ready.discard(adapter_name)
         self.reset_idlora_parameters(adapter_name, config)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
@@ -151,38 +152,45 @@ class IDLoRALayer(BaseTunerLayer):
 
     def set_indices(self, adapter_name: str, indices: torch.Tensor) -> None:
         """Install a `[k, r]` index table, checked against this layer."""
-        k, r = self.num_clusters[adapter_name], self.r[adapter_name]
-        indices = torch.as_tensor(indices)
-        if tuple(indices.shape) != (k, r):
-            raise ValueError(
-                f"Index table for module {self.module_name!r} has shape {tuple(indices.shape)}, expected "
-                f"[num_clusters, r] = [{k}, {r}]. Recompute the indices for this configuration."
-            )
-        if indices.dtype.is_floating_point or indices.min() < 0 or indices.max() >= self.out_features:
-            raise ValueError(
-                f"Index table for module {self.module_name!r} holds values outside [0, {self.out_features}): "
-                f"it was computed for another model. Recompute the indices for this model."
-            )
+        indices = self._checked_table(adapter_name, torch.as_tensor(indices), "Index table")
         device = self.idlora_indices[adapter_name].device
         self.idlora_indices[adapter_name] = indices.to(dtype=torch.long, device=device)
-        self._indices_checked.discard(adapter_name)
+        self._indices_ready.add(adapter_name)
+
+    def _checked_table(self, adapter_name: str, indices: torch.Tensor, what: str) -> torch.Tensor:
+        """`indices` if it is a valid `[k, r]` table of rows of this layer, else a ValueError naming the module."""
+        k, r = self.num_clusters[adapter_name], self.r[adapter_name]
+        if tuple(indices.shape) != (k, r):
+            raise ValueError(
+                f"{what} for module {self.module_name!r} has shape {tuple(indices.shape)}, expected "
+                f"[num_clusters, r] = [{k}, {r}]. Recompute the indices for this configuration."
+            )
+        if indices.dtype.is_floating_point or indices.dtype == torch.bool:
+            raise ValueError(f"{what} for module {self.module_name!r} has dtype {indices.dtype}, not an integer "
+                             "type. Recompute the indices with idlora_trl.decompose(model).")
+        if not indices.is_meta and indices.numel() and (indices.min() < 0 or indices.max() >= self.out_features):
+            low, high = indices.min().item(), indices.max().item()
+            raise ValueError(
+                f"{what} for module {self.module_name!r} holds values in [{low}, {high}], outside this module's "
+                f"rows [0, {self.out_features}): it was computed for another model, or the file was altered. "
+                "Recompute the indices for this model (idlora_trl.decompose, or get_peft_model on the base model)."
+            )
+        return indices
 
     def has_indices(self, adapter_name: str) -> bool:
+        """Whether `adapter_name` has a computed table (reads the table: a host sync; never called by forward)."""
         indices = self.idlora_indices[adapter_name]
         return not indices.is_meta and bool((indices != PLACEHOLDER).all())
 
     def _checked_indices(self, adapter_name: str) -> torch.Tensor:
-        indices = self.idlora_indices[adapter_name]
-        if adapter_name not in self._indices_checked:
-            if not self.has_indices(adapter_name):
-                raise RuntimeError(
-                    f"ID-LoRA adapter {adapter_name!r} on module {self.module_name!r} has no skeleton-row indices: "
-                    "the model was built on the meta device or from a restored config and no weights were "
-                    "loaded. Load the adapter with PeftModel.from_pretrained, or compute the indices with "
-                    "idlora_trl.decompose(model)."
-                )
-            self._indices_checked.add(adapter_name)
-        return indices
+        if adapter_name not in self._indices_ready:
+            raise RuntimeError(
+                f"ID-LoRA adapter {adapter_name!r} on module {self.module_name!r} has no skeleton-row indices: none "
+                "were computed (a model built on the meta device or from a restored config) and none were loaded "
+                "(an adapter file without this module's `idlora_indices`). Load a complete adapter with "
+                "PeftModel.from_pretrained, or compute the indices with idlora_trl.decompose(model)."
+            )
+        return self.idlora_indices[adapter_name]
 
     # ------------------------------------------------------------------ forward
 
@@ -210,33 +218,27 @@ class IDLoRALayer(BaseTunerLayer):
             gathered = gathered - bias.index_select(0, flat).float()
         gathered = gathered.unflatten(-1, (k, r))  # x_i = A_i h, [..., k, r]
         v = self._mixed(adapter_name, gathered)
-        self._check_finite(adapter_name, base_out, v)
+        if self.check_overflow:
+            self._check_finite(adapter_name, base_out, v)
         return self.idlora_dropout[adapter_name](v)
 
     def _check_finite(self, adapter_name: str, base_out: torch.Tensor, v: torch.Tensor) -> None:
-        """With the paper's router the update is quadratic in the activations and can overflow where LoRA's does
-        not: an adapter that turns a finite base output into inf/NaN is an error naming the module, not a silent
-        NaN. Checked on `v` and a bound on `B v` (`update_is_surely_finite`); only for `router_norm="none"`."""
+        """Under `overflow.overflow_check` only (it syncs): with the paper's router the update is quadratic in the
+        activations and can overflow where LoRA's does not; an update that turns a finite base output into inf/NaN
+        is an error naming the module. The trainers run it when a loss is not finite."""
         if self.router_norm[adapter_name] != "none":
             return
         B = self.idlora_B[adapter_name].weight.detach()
-        key = (B._version, B.data_ptr())  # an optimizer step or a load changes B in place: its version moves
-        if self._B_max.get(adapter_name, (None,))[0] != key:
-            self._B_max[adapter_name] = (key, B.abs().amax().item())
-        b_max, width, s = self._B_max[adapter_name][1], self.r[adapter_name] // self.rank_boost[adapter_name], \
-            self.scaling[adapter_name]
-        if update_is_surely_finite(v, b_max, width, s):
-            return
-        update = nn.functional.linear(v.detach().unflatten(-1, (-1, width)).to(B.dtype), B)
-        if bool(torch.isfinite(update * s).all()) or not bool(torch.isfinite(base_out).all()):
+        update = nn.functional.linear(v.detach().unflatten(-1, (self.rank_boost[adapter_name], -1)).to(B.dtype), B)
+        if bool(torch.isfinite(update * self.scaling[adapter_name]).all()) or not bool(torch.isfinite(base_out).all()):
             return
         T = self.idlora_T[adapter_name].weight.abs().max().item()
         raise FloatingPointError(
             f"ID-LoRA adapter {adapter_name!r} on module {self.module_name!r} turned a finite output into inf/NaN "
-            f"(max |W h| = {base_out.abs().max().item():.3g}, max |T| = {T:.3g}, max |B| = {b_max:.3g}). With "
-            "router_norm='none' (the paper's router) the update is quadratic in the activations and overflows "
-            "at this scale. Use router_norm='rms' (scale-free: the update is linear in the activations, like "
-            "LoRA's; the default 'none' is the paper's router), or a lower learning rate."
+            f"(max |W h| = {base_out.abs().max().item():.3g}, max |T| = {T:.3g}, max |B| = "
+            f"{B.abs().max().item():.3g}). With router_norm='none' (the paper's router) the update is quadratic in "
+            "the activations and overflows at this scale. Use router_norm='rms' (scale-free: the update is linear "
+            "in the activations, like LoRA's; the default 'none' is the paper's router), or a lower learning rate."
         )
 
     def _update(self, adapter_name: str, base_out: torch.Tensor) -> torch.Tensor:
@@ -250,18 +252,17 @@ class IDLoRALayer(BaseTunerLayer):
     def _fused_forward(self, adapter_name: str, base_out: torch.Tensor) -> Optional[torch.Tensor]:
         """`base_out + s * concat_j(B v_j)`, added into `base_out` (fresh from the base layer) in place by one
         autograd node (`fused.GatherMixAdd`). `None` where that does not apply: active dropout, a base output
-        that is not contiguous, a trainable base bias."""
+        that is not contiguous, a trainable base bias, the overflow check."""
         dropout, bias = self.idlora_dropout[adapter_name], self.base_layer.bias
         if (isinstance(dropout, nn.Dropout) and dropout.training) or not base_out.is_contiguous() \
-                or (bias is not None and bias.requires_grad and torch.is_grad_enabled()):
+                or (bias is not None and bias.requires_grad and torch.is_grad_enabled()) or self.check_overflow:
             return None
         flat = self._checked_indices(adapter_name).reshape(-1)
         with float32_region(base_out):
             return adapted_output(
                 base_out, flat, None if bias is None else bias.detach().index_select(0, flat).float(),
                 self.idlora_B[adapter_name].weight, self.idlora_T[adapter_name].weight, self.is_static(adapter_name),
-                self.router_norm[adapter_name] == "rms", self.num_clusters[adapter_name],
-                self.scaling[adapter_name], lambda v: self._check_finite(adapter_name, base_out, v))
+                self.router_norm[adapter_name] == "rms", self.num_clusters[adapter_name], self.scaling[adapter_name])
 
     def idlora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if kwargs.pop("adapter_names", None) is not None:
@@ -373,9 +374,15 @@ class Linear(nn.Module, IDLoRALayer):
         keep_float32(self.idlora_T)
         return self
 
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._indices_checked.clear()  # loaded indices are checked again at the next forward
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, *args: Any, **kwargs: Any) -> None:
+        """Index tables are checked as they are loaded (the child `BufferDict` copies them right after this):
+        a table out of this module's range is an error here, not an out-of-bounds gather in a later forward."""
+        for name in list(self.idlora_indices.keys()):
+            table = state_dict.get(f"{prefix}idlora_indices.{name}")
+            if table is not None:
+                self._checked_table(name, table, "The loaded index table")
+                self._indices_ready.add(name)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def __repr__(self) -> str:
         return "idlora." + super().__repr__()

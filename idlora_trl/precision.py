@@ -16,13 +16,11 @@ Half-precision adapter weights are refused, not silently ignored: see `check_ada
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 from torch import nn
 
 HALF = (torch.float16, torch.bfloat16)
-FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def adapter_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -69,13 +67,3 @@ def autocast_false_error(dtypes: set[torch.dtype]) -> str:
         "autocast_adapter_dtype at its default (True) in get_peft_model / PeftModel.from_pretrained / "
         "load_adapter / add_adapter (Axolotl: peft_autocast_adapter_dtype), or load the base model in float32."
     )
-
-
-def update_is_surely_finite(v: torch.Tensor, b_max: float, width: int, scale: float) -> bool:
-    """Whether every entry of `scale * B v` is finite, for `v` (`[..., r]`) and `max|B| = b_max` over blocks of
-    `width`: `v` finite and `max|v| * b_max * width * |scale|` below float32's largest value. One aminmax pass
-    over `v` and one host sync, instead of a pass over the `[..., d_out]` output."""
-    if v.numel() == 0:
-        return True
-    low, high = torch.stack(torch.aminmax(v.detach())).tolist()  # NaN propagates to both
-    return math.isfinite(low) and math.isfinite(high) and max(-low, high) * b_max * width * abs(scale) < FLOAT32_MAX

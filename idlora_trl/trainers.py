@@ -23,6 +23,7 @@ from trl import DPOTrainer, SFTTrainer
 from .config import IDLoRAConfig
 from .counting import count_parameters, format_parameter_table
 from .layer import idlora_layers
+from .overflow import overflow_check
 
 logger = logging.get_logger(f"transformers.{__name__}")  # under transformers: its verbosity applies
 
@@ -47,6 +48,20 @@ def resolve_peft_config(model: Any, peft_config: Optional[PeftConfig], trainer: 
 
 
 class _IDLoRATrainerMixin:
+    def training_step(self, model, inputs, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """TRL's step; when its loss is not finite, the step's batch runs again under `overflow_check`, so that an
+        ID-LoRA update that overflowed is reported by module name (FloatingPointError) before the optimizer step.
+        The forward itself never checks (no host sync per module). Reading the loss costs one host sync per step,
+        which the Trainer pays anyway (`logging_nan_inf_filter`)."""
+        batch = dict(inputs)  # compute_loss may pop keys from the dict it is given
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        if not torch.isfinite(loss).all():
+            with overflow_check(model), torch.no_grad():
+                self.compute_loss(model, self._prepare_inputs(batch))  # raises FloatingPointError, naming the module
+            logger.warning("The training loss is not finite, and no ID-LoRA update overflowed: the base model's "
+                           "own output is not finite on this batch.")
+        return loss
+
     def _report_parameters(self) -> None:
         if not self.is_world_process_zero():
             return

@@ -153,3 +153,46 @@ def test_get_peft_model_trains_saves_and_loads_on_device(device, tmp_path):
             assert b.idlora_indices["default"].device.type == device
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=tokens).logits, logits, rtol=1e-2, atol=1e-2)
+
+
+CUDA_ONLY = [p for p in DEVICES if p.id == "cuda"]
+
+
+@pytest.mark.parametrize("rank_boost", [1, 2])
+@pytest.mark.parametrize("router", ["token", "token-rms", "static"])
+@pytest.mark.parametrize("maker", ["linear", "conv1d"])
+@pytest.mark.parametrize("device", CUDA_ONLY)
+def test_no_host_sync_under_cuda_sync_debug_mode(device, maker, router, rank_boost):
+    """tests/test_host_sync.py's models on the GPU with `torch.cuda.set_sync_debug_mode("error")`: any
+    synchronising call in the adapted forward or backward raises (PEFT LoRA as the control)."""
+    from helpers import make_gpt2
+    from peft import LoraConfig
+    from test_host_sync import adapted, idlora_config
+
+    build, targets = (make_llama, "all-linear") if maker == "linear" else (make_gpt2, ["c_attn", "c_fc"])
+    ids = torch.randint(0, 97, (2, 8), device=device)
+    for config in (LoraConfig(r=4, target_modules=targets), idlora_config(router, rank_boost, targets)):
+        model = adapted(build, config).to(device)
+        model(input_ids=ids).logits.sum().backward()  # warm-up: lazy CUDA initialisation may synchronise
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            model(input_ids=ids).logits.square().mean().backward()
+            with torch.inference_mode():
+                model.eval()(input_ids=ids)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+def test_compiled_model_equals_eager_on_the_gpu(device):
+    """The tiny Llama with the token router, compiled by inductor (`fullgraph=True`), forward and gradients."""
+    from test_compile import idlora, run
+
+    model = get_peft_model(make_llama(), idlora("token", "all-linear")).to(device)
+    ids = torch.randint(0, 97, (2, 9), device=device)
+    eager_out, eager_grads = run(model, ids)
+    torch._dynamo.reset()
+    out, grads = run(torch.compile(model, fullgraph=True), ids)
+    assert rel_error(out, eager_out) < 1e-4
+    assert all(rel_error(grads[name], eager_grads[name]) < 1e-4 for name in eager_grads)

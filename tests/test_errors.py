@@ -103,7 +103,7 @@ def test_indices_file_for_another_model(tmp_path, index_file):
     bad = {name: t + 1000 for name, t in indices.items()}
     path = tmp_path / "other.safetensors"
     save_indices(path, bad, IDLoRAConfig(r=8, num_clusters=2).decomposition_spec())
-    with pytest.raises(ValueError, match=r"q_proj.*outside \[0, 64\).*another model"):
+    with pytest.raises(ValueError, match=r"q_proj.*outside this module's rows \[0, 64\).*another model"):
         get_peft_model(make_llama(), IDLoRAConfig(r=8, num_clusters=2, indices_path=str(path),
                                                   target_modules=["q_proj"]))
 

@@ -137,7 +137,7 @@ def test_gather_mix_add_passes_gradcheck(router):
     base_out = torch.randn(3, d_out, dtype=torch.float64, generator=gen, requires_grad=True)
 
     def fn(base_out, B, router_weight):
-        return GatherMixAdd.apply(base_out.clone(), flat, bias, B, router_weight, kind == "static", norm == "rms", k,
-                                  0.7, lambda v: None)
+        return GatherMixAdd.apply(base_out.clone(), flat, bias, B, router_weight, kind == "static", norm == "rms",
+                                  k, 0.7)
 
     assert torch.autograd.gradcheck(fn, (base_out, B, router_weight))

@@ -52,6 +52,21 @@ def test_sft_trains_prints_saves_and_draws(tiny_model_dir, tmp_path, capsys):
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 10_000
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_sft_trains_a_compiled_model(tiny_model_dir, tmp_path, capsys, backend):
+    """`--torch_compile` (TRL's option): the Trainer compiles the adapted model, the loss falls as uncompiled."""
+    import torch._dynamo as dynamo
+
+    dynamo.reset()
+    out = _run(["sft", "--model_name_or_path", tiny_model_dir, *TINY, "--max_steps", "4", "--max_train_samples", "16",
+                "--learning_rate", "1e-2", "--eval_samples", "0", "--no_plot", "--torch_compile",
+                "--torch_compile_backend", backend, "--output_dir", str(tmp_path / "adapter")], capsys)
+    dynamo.reset()
+    losses = [float(x) for x in re.findall(r"step +\d+/4  loss ([\d.]+)", out)]
+    assert len(losses) == 4 and losses[-1] < losses[0], out
+    assert any(t.abs().sum() > 0 for n, t in _adapter_tensors(tmp_path / "adapter").items() if "idlora_B" in n)
+
+
 def test_decompose_then_sft_reuses_the_index_file(tiny_model_dir, tmp_path, capsys):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

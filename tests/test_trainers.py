@@ -185,3 +185,24 @@ def test_trained_adapter_saves_and_reloads(tmp_path):
     loaded = PeftModel.from_pretrained(base_copy, tmp_path / "adapter").eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("trainer_cls", [IDLoRASFTTrainer, IDLoRADPOTrainer])
+def test_an_overflowing_update_is_named_after_a_non_finite_loss(tmp_path, trainer_cls):
+    """The forward never checks for overflow (no host sync per module); when a step's loss is not finite the
+    trainer runs that batch again under `overflow_check`, and the error names the module, before any optimizer
+    step. Here one module's router and B are set so large that its update overflows float32."""
+    tok = make_tokenizer()
+    if trainer_cls is IDLoRASFTTrainer:
+        args, data = SFTConfig(output_dir=str(tmp_path), max_steps=2, learning_rate=1e-3, **CPU), sft_dataset()
+    else:
+        args, data = DPOConfig(output_dir=str(tmp_path), max_steps=2, learning_rate=1e-3, **CPU), dpo_dataset()
+    trainer = trainer_cls(make_chat_llama(tok), args=args, train_dataset=data, processing_class=tok,
+                          peft_config=idlora(target_modules=["up_proj"]))
+    layer = trainer.accelerator.unwrap_model(trainer.model).base_model.model.model.layers[1].mlp.up_proj
+    with torch.no_grad():
+        layer.idlora_T["default"].weight.fill_(1e20)
+        layer.idlora_B["default"].weight.fill_(1e20)
+    with pytest.raises(FloatingPointError, match=r"module 'model\.layers\.1\.mlp\.up_proj' turned a finite output"):
+        trainer.train()
+    assert trainer.state.global_step == 0

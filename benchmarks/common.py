@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-SECTIONS = ("params", "clustering", "training", "quality", "overhead")
+SECTIONS = ("params", "clustering", "training", "quality", "overhead", "inference")
 
 
 # ------------------------------------------------------------------------------------------- environment

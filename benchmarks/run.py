@@ -11,7 +11,8 @@ Run by hand (the full suite takes about an hour on 2 cores; see docs/BENCHMARKS.
 
 Sections: params (trainable parameters, meta device), clustering (ours against k-means-constrained), training
 (step/forward time and memory against PEFT LoRA and DoRA), quality (held-out accuracy, seeds, ablations),
-overhead (page faults and kernel time of the `idlora-trl` command, under `/usr/bin/time -v`).
+overhead (page faults and kernel time of the `idlora-trl` command, under `/usr/bin/time -v`), inference (prefill,
+decoding with the KV cache and small forwards against LoRA, eager and compiled).
 Every comparison runs side by side in this one process, interleaved (A, B, C, A, B, C, ...), quoted as medians
 and ratios. Raw results go to <doc dir>/benchmarks/<section>.json next to the doc, plots to the same folder;
 the doc's numbers come only from those measurements. Torch and BLAS threads are pinned (--threads, default 2).
@@ -39,6 +40,7 @@ def _early_threads(argv: list[str]) -> str:
 def parser() -> argparse.ArgumentParser:
     import clustering
     import gpu_check
+    import inference
     import overhead
     import params
     import quality
@@ -56,7 +58,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (and OMP/BLAS threads)")
     ap.add_argument("--seed", type=int, default=0, help="clustering seed")
     ap.add_argument("--no-plots", action="store_true", help="write no PNG plots")
-    for module in (params, clustering, training, quality, overhead, gpu_check):
+    for module in (params, clustering, training, quality, overhead, inference, gpu_check):
         module.add_arguments(ap)
     return ap
 
@@ -106,18 +108,19 @@ GPU_CHECK_NOTE = (
     "parts run at toy sizes (`--gpu-check --device cpu`) in the smoke tests, `tests/test_benchmarks.py`.")
 TITLES = {"params": "1. Trainable parameters", "clustering": "2. Clustering cost",
           "training": "3. Training cost", "quality": "4. Quality on a real model",
-          "overhead": "5. CPU overhead of the command"}
+          "overhead": "5. CPU overhead of the command", "inference": "6. Inference speed"}
 
 
 def render_doc(data: dict, errors: dict, command: str, ctx: Context, common) -> str:
     import clustering
+    import inference
     import overhead
     import params
     import quality
     import training
 
     modules = {"params": params, "clustering": clustering, "training": training, "quality": quality,
-               "overhead": overhead}
+               "overhead": overhead, "inference": inference}
     sections, targets = [], []
     for name in common.SECTIONS:
         sections += [f"## {TITLES[name]}", ""]

@@ -130,6 +130,17 @@ def check_adapter(out: Path, model_dir: Path) -> PeftModel:
 # ------------------------------------------------------------------------------------- real axolotl train
 
 
+def test_sft_axolotl_train_with_torch_compile(workspace):
+    """`torch_compile: true` (inductor): the adapted model compiles, trains, and saves an adapter that loads."""
+    root, model_dir = workspace
+    cfg = tiny.example_config("sft.yml", model_dir, root / "sft-compiled", model_dir / "sft.jsonl",
+                              torch_compile=True, gradient_checkpointing=False)
+    out, output = train(workspace, "sft-compiled", cfg)
+    losses = [float(x) for x in re.findall(r"'loss': '?([\d.]+)", output)]
+    assert len(losses) == 4, output[-3000:]
+    check_adapter(out, model_dir)
+
+
 def test_sft_axolotl_train_writes_an_idlora_adapter(sft_run, workspace, monkeypatch):
     out, output = sft_run
     _, model_dir = workspace

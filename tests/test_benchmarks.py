@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 RUN = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
-SECTIONS = ("params", "clustering", "training", "quality", "overhead")
+SECTIONS = ("params", "clustering", "training", "quality", "overhead", "inference")
 
 
 def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     return subprocess.run([sys.executable, str(RUN), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=600)
 
 
 def _section(doc: str, title: str) -> str:
@@ -74,7 +74,13 @@ def test_smoke_run_writes_every_section(tmp_path):
     rows = _numeric_rows(overhead)
     assert len(rows) == 2 and "THP_MEM_ALLOC_ENABLE=0 (before)" in rows[0] and "as shipped" in rows[1], overhead
 
+    inference = _section(doc, "6. Inference speed")  # 5 eager models, 3 compiled; no graph break of ours
+    rows = _numeric_rows(inference)
+    assert len(rows) == 8 and sum("| compiled |" in r for r in rows) == 3, inference
+    assert "Graph breaks" in inference and "ID-LoRA 0." in inference
+
     targets = _section(doc, "Targets")
+    assert "Decode tokens/s of ID-LoRA / unmerged LoRA, batch 1, eager" in targets
     assert "Clustering speed" in targets and "Training step" in targets and "Table 3" in targets
     assert "Kernel time of" in targets and "Training forward of ID-LoRA / LoRA, one layer" in targets
 
@@ -91,7 +97,7 @@ def test_smoke_run_writes_every_section(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     again = rebuilt.read_text()
     for title in ("Targets", "1. Trainable parameters", "2. Clustering cost", "3. Training cost",
-                  "4. Quality on a real model", "5. CPU overhead of the command"):
+                  "4. Quality on a real model", "5. CPU overhead of the command", "6. Inference speed"):
         assert _without_images(_section(again, title)) == _without_images(_section(doc, title)), title
 
 

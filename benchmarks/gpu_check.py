@@ -1,14 +1,18 @@
 """`python benchmarks/run.py --gpu-check`: what to run when a GPU is lent, in under 8 minutes on one H100/H200.
 
-Three parts, each timed, then one Markdown table (check, value, target, met?) printed and written with a JSON:
-1. tests: `pytest -m cuda tests` in a subprocess (the tests marked `cuda`); passed / failed / skipped counts;
+Four parts, each timed, then one Markdown table (check, value, target, met?) printed and written with a JSON:
+1. tests: `pytest -m cuda tests` in a subprocess (the tests marked `cuda`, among them the adapted forward and
+   backward under `torch.cuda.set_sync_debug_mode("error")` and an inductor-compiled model); passed / failed /
+   skipped counts;
 2. clustering: the product's per-module clustering call (a float32 copy of the weight, then the
    `idlora_select_rows` hook, i.e. PMRC's `select_rows`) on random bf16 weights generated on the GPU, k=4,
    r=64 (the paper's 4p at p=16): one matrix of each distinct Llama-3-8B shape, timed, and extrapolated to
    the model's 7 x 32 matrices; then, when the estimate fits the time budget, all 224 matrices timed one by one;
 3. training: step time (forward + backward + AdamW), no-grad forward time and `torch.cuda.max_memory_allocated`
    over a step of ID-LoRA (r=4p) against PEFT LoRA and DoRA (r=p), bf16, on a SmolLM2-135M-shaped Llama built
-   from its config (random weights: nothing is read from disk), interleaved (`benchmarks/training.py`).
+   from its config (random weights: nothing is read from disk), interleaved (`benchmarks/training.py`);
+4. decode: tokens/s with the KV cache at batch 1 and 8 and the 4-token forward, ID-LoRA against unmerged LoRA,
+   bf16, the same model (`benchmarks/inference.py`).
 
 Exit status: 0 when every CUDA test passed and every part ran (a missed speed target is reported in the table,
 not an error); 1 when a CUDA test failed or errored, none ran, or a part crashed. Without CUDA it prints one line
@@ -214,6 +218,27 @@ def training_part(device: str, smoke: bool, p: int, seed: int, clock: Clock) -> 
             "repeats": list(sizes), "selection": "sequential", "models": results}
 
 
+def decode_part(device: str, smoke: bool, p: int, seed: int) -> dict:
+    """inference.py's interleaved decode (KV cache, batch 1 and 8) and 4-token forward, ID-LoRA against unmerged
+    LoRA, in bf16 on `device`."""
+    import inference
+    from common import tiny_llama
+
+    if smoke:
+        base, label, prefill, decode, rounds, p = tiny_llama(vocab=128, hidden=64, layers=2), "tiny Llama", 32, 4, 1, 2
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(seed)
+        base, label = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)), "SmolLM2-135M-shaped Llama (random weights)"
+        prefill, decode, rounds = 512, 32, 5
+    base = base.to(device=device, dtype=torch.bfloat16).requires_grad_(False)
+    models = inference._models(base, p, seed, names=("LoRA", "ID-LoRA"))
+    times = inference._measure(models, SimpleNamespace(inference_rounds=rounds), base.config.vocab_size, prefill,
+                               decode, device)
+    return {"model": label, "dtype": "bfloat16", "decode": decode, "rounds": rounds, "times": times}
+
+
 def _ratios(res: dict, other: str) -> dict:
     """ID-LoRA / `other`: median step and forward times, and memory: the CUDA peak over a step above what was
     allocated before it, or on the CPU the saved activations + training state (training.py's measure)."""
@@ -269,6 +294,18 @@ def build_rows(data: dict) -> list[list[str]]:
             lora, dora = res["ratios"]["LoRA"][key], res["ratios"]["DoRA"][key]
             rows.append([f"ID-LoRA / LoRA, {what}, {tname}, bf16", f"{lora:.3f}x (ID-LoRA / DoRA {dora:.3f}x)",
                          f"<= {goal:.2f}x", _yes(lora <= goal)])
+    dec = data.get("decode")
+    if dec is not None:
+        import inference
+
+        times = dec["times"]
+        for key, what in (("decode1_s", "batch 1"), ("decode8_s", "batch 8")):
+            ratio = 1 / inference._paired(times, key, "ID-LoRA", "LoRA")
+            rows.append([f"decode tokens/s, ID-LoRA / unmerged LoRA, {what}, KV cache, bf16", f"{ratio:.3f}x",
+                         f">= {inference.DECODE_TARGET:.2f}x", _yes(ratio >= inference.DECODE_TARGET)])
+        ratio = inference._paired(times, "small_s", "ID-LoRA", "LoRA")
+        rows.append(["forward at 4 tokens, ID-LoRA / LoRA, bf16", f"{ratio:.3f}x",
+                     f"<= {inference.SMALL_TARGET:.2f}x", _yes(ratio <= inference.SMALL_TARGET)])
     for part, error in data.get("errors", {}).items():
         rows.append([f"part {part}", f"crashed: `{error}`", "runs", _yes(False)])
     times = ", ".join(f"{part} {s:.0f} s" for part, s in data.get("part_s", {}).items())
@@ -299,7 +336,8 @@ def main(args, common) -> int:
     paths = ["tests/test_cuda.py"] if smoke else ["tests"]
     parts = {"tests": lambda: run_cuda_tests(paths, out_dir, min(TESTS_TIMEOUT_S, max(clock.left() / 2, 30.0))),
              "clustering": lambda: clustering_part(device, smoke, args.seed, clock),
-             "training": lambda: training_part(device, smoke, args.p, args.seed, clock)}
+             "training": lambda: training_part(device, smoke, args.p, args.seed, clock),
+             "decode": lambda: decode_part(device, smoke, args.p, args.seed)}
     for name, part in parts.items():
         start = time.perf_counter()
         log(f"gpu-check: part {name} ({clock.left():.0f} s of the budget left)")

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from common import fmt_s, log, median, table, target
+from common import fmt_s, log, median, sync, table, target
 
 DECODE_TARGET, SMALL_TARGET = 0.98, 1.05  # issue #22: decode >= 0.98x unmerged LoRA's tokens/s, 1-4 tokens <= 1.05x
 COMPILED = ("base", "LoRA", "ID-LoRA")
@@ -32,7 +32,7 @@ def add_arguments(parser) -> None:
     group.add_argument("--no-compile", action="store_true", help="eager models only")
 
 
-def _models(base, p: int, seed: int) -> dict:
+def _models(base, p: int, seed: int, names=("base", "LoRA", "LoRA merged", "ID-LoRA", "ID-LoRA static merged")):
     from peft import LoraConfig, get_peft_model
 
     from idlora_trl import IDLoRAConfig
@@ -50,33 +50,39 @@ def _models(base, p: int, seed: int) -> dict:
 
     lora = LoraConfig(r=p, lora_alpha=2 * p, target_modules=targets)
     idlora = dict(r=4 * p, num_clusters=4, rank_boost=2, target_modules=targets, seed=seed)
-    return {"base": base.eval(), "LoRA": adapted(lora, False), "LoRA merged": adapted(lora, True),
-            "ID-LoRA": adapted(IDLoRAConfig(**idlora), False),
-            "ID-LoRA static merged": adapted(IDLoRAConfig(router="static", **idlora), True)}
+    build = {"base": lambda: base.eval(), "LoRA": lambda: adapted(lora, False),
+             "LoRA merged": lambda: adapted(lora, True), "ID-LoRA": lambda: adapted(IDLoRAConfig(**idlora), False),
+             "ID-LoRA static merged": lambda: adapted(IDLoRAConfig(router="static", **idlora), True)}
+    return {name: build[name]() for name in names}
 
 
 @torch.no_grad()
 def _decode_seconds(model, prompt: torch.Tensor, steps: int) -> float:
     out = model(input_ids=prompt, use_cache=True)
     cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    sync()
     start = time.perf_counter()
     for _ in range(steps):
         out = model(input_ids=token, past_key_values=cache, use_cache=True)
         cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    sync()
     return time.perf_counter() - start
 
 
 @torch.no_grad()
 def _forward_seconds(model, ids: torch.Tensor, use_cache: bool) -> float:
+    sync()
     start = time.perf_counter()
     model(input_ids=ids, use_cache=use_cache)
+    sync()
     return time.perf_counter() - start
 
 
-def _measure(models: dict, args, vocab: int, prefill: int, decode: int) -> dict:
+def _measure(models: dict, args, vocab: int, prefill: int, decode: int, device: str = "cpu") -> dict:
     gen = torch.Generator().manual_seed(0)
-    prompts = {b: torch.randint(0, vocab, (b, 32), generator=gen) for b in (1, 8)}
-    long_ids, small_ids = torch.randint(0, vocab, (1, prefill), generator=gen), torch.randint(0, vocab, (1, 4))
+    prompts = {b: torch.randint(0, vocab, (b, 32), generator=gen).to(device) for b in (1, 8)}
+    long_ids = torch.randint(0, vocab, (1, prefill), generator=gen).to(device)
+    small_ids = torch.randint(0, vocab, (1, 4), generator=gen).to(device)
     tasks = {"prefill_s": lambda m: _forward_seconds(m, long_ids, True),
              "decode1_s": lambda m: _decode_seconds(m, prompts[1], decode),
              "decode8_s": lambda m: _decode_seconds(m, prompts[8], decode),
@@ -115,6 +121,10 @@ def run(args) -> dict:
         backend = "aot_eager" if args.smoke else "inductor"  # the smoke run checks the path, not the kernels
         log(f"inference: {label}, compiled ({backend})")
         dynamo.reset()
+        # The three models share code objects (PeftModel.forward, LlamaForCausalLM.forward), and each shape and
+        # cache state is a variant: at the default limit of 8 per code object the later ones would run eagerly.
+        dynamo.config.recompile_limit = 64
+        dynamo.config.accumulated_recompile_limit = 1024
         compiled = {name: torch.compile(models[name], backend=backend) for name in COMPILED}
         data["compiled"] = _measure(compiled, args, base.config.vocab_size, prefill, decode)
         counts = {}

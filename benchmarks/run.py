@@ -102,7 +102,9 @@ GPU_CHECK_NOTE = (
     "Llama-3-8B-shaped matrices (k=4, r=64, random bf16 weights made on the GPU: one matrix of each distinct shape "
     "timed and extrapolated to the model's 224, then all 224 timed one by one when the estimate fits the time "
     "budget; target < 60 s); and the step, forward and peak-memory ratios of ID-LoRA against LoRA and DoRA in bf16 "
-    "on a SmolLM2-135M-shaped model. It prints one table (check, value, target, met?) and writes it with a JSON "
+    "on a SmolLM2-135M-shaped model, and its decode tokens/s with the KV cache at batch 1 and 8 against unmerged "
+    "LoRA. The CUDA tests include the adapted forward and backward under `torch.cuda.set_sync_debug_mode(\"error\")` "
+    "and an inductor-compiled model. It prints one table (check, value, target, met?) and writes it with a JSON "
     "next to `--out` (default: a temp folder), not into this doc. Exit status 1 when a CUDA test fails or a part "
     "crashes, else 0 (missed targets are in the table); without CUDA it prints one line and exits 0. Its CPU-side "
     "parts run at toy sizes (`--gpu-check --device cpu`) in the smoke tests, `tests/test_benchmarks.py`.")

@@ -7,6 +7,7 @@ project decides (see `docs/METHOD.md`).
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union, get_args
 
@@ -131,6 +132,21 @@ class IDLoRAConfig(PeftConfig):
         if self.min_cluster_size is None:
             self.min_cluster_size = self.r
         self._validate()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, **kwargs) -> "IDLoRAConfig":
+        """PEFT's loader, remembering the directory (not a field: never saved) so that an error in the adapter's
+        tensors can name the file (`loading.py`)."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        config.loaded_from = os.path.join(str(pretrained_model_name_or_path), subfolder or "")
+        return config
+
+    def save_pretrained(self, save_directory, **kwargs) -> None:
+        """PEFT's writer, then the ID-LoRA section of the folder's README.md (`model_card.py`)."""
+        super().save_pretrained(save_directory, **kwargs)
+        from .model_card import write_section
+
+        write_section(save_directory, self)
 
     def _validate(self) -> None:
         def bad(name: str, value, fix: str) -> ValueError:

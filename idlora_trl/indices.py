@@ -40,9 +40,14 @@ def read_adapter_indices(path: str | os.PathLike) -> tuple[dict[str, torch.Tenso
     if config.get("peft_type") != "IDLORA":
         raise ValueError(f"{str(path)!r} holds a {config.get('peft_type')} adapter, not an ID-LoRA one.")
     suffix, prefix = ".idlora_indices", "base_model.model."
-    with safe_open(weights, framework="pt") as handle:
-        tables = {name[:-len(suffix)].removeprefix(prefix): handle.get_tensor(name)
-                  for name in handle.keys() if name.endswith(suffix)}
+    try:
+        with safe_open(weights, framework="pt") as handle:
+            tables = {name[:-len(suffix)].removeprefix(prefix): handle.get_tensor(name)
+                      for name in handle.keys() if name.endswith(suffix)}
+    except Exception as error:  # safetensors raises several types for a damaged file
+        raise ValueError(f"{weights!r} is not a readable safetensors file ({error}): the adapter or checkpoint is "
+                         "damaged (an interrupted write?). Use another checkpoint, or save the adapter again.") \
+            from error
     from .config import IDLoRAConfig
 
     return tables, {key: config.get(key) for key in IDLoRAConfig().decomposition_spec()}

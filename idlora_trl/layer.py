@@ -26,6 +26,7 @@ from transformers.pytorch_utils import Conv1D
 from .config import IDLoRAConfig
 from .decomposition import CLUSTERED
 from .fused import adapted_output, mix
+from .loading import check_layer_state, checked_table, missing_indices_error
 from .precision import adapter_dtype, float32_region, keep_float32
 
 PLACEHOLDER = -1
@@ -78,9 +79,12 @@ class IDLoRALayer(BaseTunerLayer):
         self.merged_adapters: list[str] = []
         # Skeleton rows of the *unmerged* weight, per merged adapter: unmerging recomputes the exact delta.
         self._merged_rows: dict[str, torch.Tensor] = {}
-        # Adapters whose index table was checked when it was set or loaded: the forward reads this Python set,
-        # never the table itself (that would be a host sync per module per forward, and a torch.compile break).
+        # Adapters whose index table was checked when it was set or loaded (`loading.py`): the forward reads this
+        # Python set, never the table (that would be a host sync per module per forward, and a compile break).
         self._indices_ready: set[str] = set()
+        self.loaded_now: set[str] = set()  # adapters this layer received in the state dict being loaded
+        self._failed_load: set[str] = set()  # adapters whose last load failed: refused until set or loaded again
+        self.sources: dict[str, str] = {}  # adapter -> the directory it was loaded from, for error messages
         # Set by `overflow.overflow_check` only: the forward then checks each update for inf/NaN (host syncs).
         self.check_overflow = False
         self.kwargs = kwargs
@@ -94,6 +98,8 @@ class IDLoRALayer(BaseTunerLayer):
         self.scaling[adapter_name] = config.scaling
         self.router[adapter_name] = config.router
         self.router_norm[adapter_name] = config.router_norm
+        if getattr(config, "loaded_from", None):
+            self.sources[adapter_name] = config.loaded_from
         self.idlora_B[adapter_name] = nn.Linear(r // f, self.out_features // f, bias=False)
         self.idlora_T[adapter_name] = ClusterWeights(k) if self.is_static(adapter_name) else nn.Linear(r, 1, bias=False)
         dropout = config.idlora_dropout
@@ -152,30 +158,25 @@ class IDLoRALayer(BaseTunerLayer):
 
     def set_indices(self, adapter_name: str, indices: torch.Tensor) -> None:
         """Install a `[k, r]` index table, checked against this layer."""
-        indices = self._checked_table(adapter_name, torch.as_tensor(indices), "Index table")
+        indices = checked_table(self, adapter_name, torch.as_tensor(indices), "Index table")
         device = self.idlora_indices[adapter_name].device
         self.idlora_indices[adapter_name] = indices.to(dtype=torch.long, device=device)
-        self._indices_ready.add(adapter_name)
+        self.mark_indices_ready(adapter_name)
 
-    def _checked_table(self, adapter_name: str, indices: torch.Tensor, what: str) -> torch.Tensor:
-        """`indices` if it is a valid `[k, r]` table of rows of this layer, else a ValueError naming the module."""
-        k, r = self.num_clusters[adapter_name], self.r[adapter_name]
-        if tuple(indices.shape) != (k, r):
-            raise ValueError(
-                f"{what} for module {self.module_name!r} has shape {tuple(indices.shape)}, expected "
-                f"[num_clusters, r] = [{k}, {r}]. Recompute the indices for this configuration."
-            )
-        if indices.dtype.is_floating_point or indices.dtype == torch.bool:
-            raise ValueError(f"{what} for module {self.module_name!r} has dtype {indices.dtype}, not an integer "
-                             "type. Recompute the indices with idlora_trl.decompose(model).")
-        if not indices.is_meta and indices.numel() and (indices.min() < 0 or indices.max() >= self.out_features):
-            low, high = indices.min().item(), indices.max().item()
-            raise ValueError(
-                f"{what} for module {self.module_name!r} holds values in [{low}, {high}], outside this module's "
-                f"rows [0, {self.out_features}): it was computed for another model, or the file was altered. "
-                "Recompute the indices for this model (idlora_trl.decompose, or get_peft_model on the base model)."
-            )
-        return indices
+    def mark_indices_ready(self, adapter_name: str, loaded: bool = False) -> None:
+        """`adapter_name`'s table was checked (set, or being loaded): the forward may use it."""
+        self._indices_ready.add(adapter_name)
+        self._failed_load.discard(adapter_name)
+        if loaded:
+            self.loaded_now.add(adapter_name)
+
+    def indices_ready(self, adapter_name: str) -> bool:
+        return adapter_name in self._indices_ready
+
+    def unready(self, adapter_name: str) -> None:
+        """After a failed load: the forward refuses `adapter_name` here until its table is set or loaded again."""
+        self._indices_ready.discard(adapter_name)
+        self._failed_load.add(adapter_name)
 
     def has_indices(self, adapter_name: str) -> bool:
         """Whether `adapter_name` has a computed table (reads the table: a host sync; never called by forward)."""
@@ -183,13 +184,14 @@ class IDLoRALayer(BaseTunerLayer):
         return not indices.is_meta and bool((indices != PLACEHOLDER).all())
 
     def _checked_indices(self, adapter_name: str) -> torch.Tensor:
-        if adapter_name not in self._indices_ready:
-            raise RuntimeError(
-                f"ID-LoRA adapter {adapter_name!r} on module {self.module_name!r} has no skeleton-row indices: none "
-                "were computed (a model built on the meta device or from a restored config) and none were loaded "
-                "(an adapter file without this module's `idlora_indices`). Load a complete adapter with "
-                "PeftModel.from_pretrained, or compute the indices with idlora_trl.decompose(model)."
-            )
+        """The table, whose check the forward reads as a flag. A table that a loader wrote around
+        `load_state_dict` (transformers' `load_adapter`, accelerate's `set_module_tensor_to_device`) is checked
+        here once, a host sync, outside compiled code (which traces the checked path only)."""
+        if adapter_name not in self._indices_ready and not torch.compiler.is_compiling():
+            if adapter_name in self._failed_load or not self.has_indices(adapter_name):
+                raise RuntimeError(missing_indices_error(self, adapter_name, adapter_name in self._failed_load))
+            checked_table(self, adapter_name, self.idlora_indices[adapter_name], "The index table")
+            self.mark_indices_ready(adapter_name)
         return self.idlora_indices[adapter_name]
 
     # ------------------------------------------------------------------ forward
@@ -375,13 +377,9 @@ class Linear(nn.Module, IDLoRALayer):
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args: Any, **kwargs: Any) -> None:
-        """Index tables are checked as they are loaded (the child `BufferDict` copies them right after this):
-        a table out of this module's range is an error here, not an out-of-bounds gather in a later forward."""
-        for name in list(self.idlora_indices.keys()):
-            table = state_dict.get(f"{prefix}idlora_indices.{name}")
-            if table is not None:
-                self._checked_table(name, table, "The loaded index table")
-                self._indices_ready.add(name)
+        """An adapter's B, T and index table are checked as they load (the children copy them right after this):
+        a missing part or a table out of range is an error here, naming the file and the module (`loading.py`)."""
+        check_layer_state(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def __repr__(self) -> str:

@@ -16,6 +16,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import IDLoRAConfig
 from .layer import IDLoRALayer, Linear, idlora_layers
+from .loading import check_model_loaded
 from .peft_type import PREFIX
 from .plugins import get_plugin_manager
 from .precision import autocast_false_error, half_precision_bases
@@ -77,6 +78,9 @@ class IDLoRAModel(BaseTuner):
         return peft_config
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        if "_load_check" not in self.__dict__:  # once per model: a module the loaded file leaves out is an error
+            self._load_check = self.register_load_state_dict_post_hook(
+                lambda module, incompatible: check_model_loaded(idlora_layers(module.model)))
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         timings = fill_indices(model, adapter_name, self.peft_config)
         get_plugin_manager().hook.idlora_report(model=model, adapter_name=adapter_name,

@@ -85,3 +85,74 @@ def test_a_checkpoint_of_other_settings_is_refused(uninterrupted, tiny_model_dir
               str(tmp_path), "--resume_from_checkpoint", str(uninterrupted / "checkpoint-2")])
     assert info.value.code == 2
     assert "other settings (seed: file 0 vs config 3)" in capsys.readouterr().err
+
+
+# A run whose write of checkpoint-6 is interrupted: the adapter is written, then, before the optimizer state and
+# trainer_state.json (written last), the process marks the moment and waits to be killed.
+KILLED_WHILE_WRITING = """
+import os, sys, time
+from transformers import Trainer
+from idlora_trl.cli import main
+write = Trainer._save_optimizer_and_scheduler
+def write_slowly(self, output_dir):
+    if os.path.basename(output_dir) == "checkpoint-6":
+        open(os.environ["WRITING"], "w").close()
+        time.sleep(600)
+    return write(self, output_dir)
+Trainer._save_optimizer_and_scheduler = write_slowly
+main(sys.argv[1:])
+"""
+SIX = [*RUN[:RUN.index("--max_steps")], "--max_steps", "6", *RUN[RUN.index("--max_steps") + 2:], "--save_steps", "2"]
+
+
+def test_a_kill_while_a_checkpoint_is_written_resumes_from_the_newest_complete_one(tiny_model_dir, tmp_path, capsys):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out, writing = tmp_path / "killed", tmp_path / "writing"
+    command = [sys.executable, "-c", KILLED_WHILE_WRITING, "sft", "--model_name_or_path", tiny_model_dir, *SIX,
+               "--output_dir", str(out)]
+    process = subprocess.Popen(command, env=dict(os.environ, WRITING=str(writing)), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not writing.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert writing.exists(), process.communicate(timeout=60)[1][-3000:] if process.poll() is not None else "timeout"
+    process.send_signal(signal.SIGKILL)  # a real kill, in the middle of writing checkpoint-6
+    process.wait(timeout=60)
+    broken = out / "checkpoint-6"
+    assert (broken / "adapter_model.safetensors").is_file() and not (broken / "trainer_state.json").exists()
+
+    with pytest.raises(SystemExit) as info:  # named explicitly: refused, with the complete one as the fix
+        main(["sft", "--model_name_or_path", tiny_model_dir, *SIX, "--output_dir", str(out),
+              "--resume_from_checkpoint", str(broken)])
+    assert info.value.code == 2
+    assert (f"{broken}' is not a complete checkpoint of an adapter (no trainer_state.json); resume from "
+            f"{out / 'checkpoint-4'}") in capsys.readouterr().err
+
+    main(["sft", "--model_name_or_path", tiny_model_dir, *SIX, "--output_dir", str(out),
+          "--resume_from_checkpoint", "last"])
+    log = capsys.readouterr().out
+    assert f"passing over the incomplete {broken} (no trainer_state.json" in log
+    assert f"clustering skipped: indices from the checkpoint {out / 'checkpoint-4'}" in log
+    assert re.search(r"step +5/6  loss", log) and not re.search(r"step +4/6  loss", log)
+
+    reference = tmp_path / "uninterrupted"
+    main(["sft", "--model_name_or_path", tiny_model_dir, *SIX, "--output_dir", str(reference)])
+    resumed, expected = adapter(out), adapter(reference)
+    assert resumed.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(resumed[key], expected[key], rtol=1e-5, atol=1e-6)
+
+
+def test_last_with_only_incomplete_checkpoints_names_them(tiny_model_dir, tmp_path, capsys):
+    (tmp_path / "checkpoint-2").mkdir()
+    with pytest.raises(SystemExit) as info:
+        main(["sft", "--model_name_or_path", tiny_model_dir, *RUN, "--output_dir", str(tmp_path),
+              "--resume_from_checkpoint", "last"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "no complete checkpoint-N folder" in err and f"{tmp_path / 'checkpoint-2'} (no adapter_model" in err

@@ -174,3 +174,38 @@ def test_indices_file_round_trip(tmp_path, clustering_calls):
     again = get_peft_model(make_llama(0), IDLoRAConfig(r=8, num_clusters=2, indices_path=str(path)))
     assert all(torch.equal(get_indices(peft_model)[n], t) for n, t in get_indices(again).items())
     assert len(clustering_calls) == calls
+
+
+def test_transformers_adapter_methods_work_where_the_versions_allow(tmp_path):
+    """transformers' own adapter methods on a plain model (`add_adapter`, `set_adapter`, `active_adapters`,
+    `disable_adapters`/`enable_adapters`, `load_adapter`) need the PEFT version transformers names as its minimum:
+    with Axolotl's pins (transformers 5.16, peft 0.20) they work with ID-LoRA, equal to PEFT's own loader; with
+    transformers 5.25 and the newest PEFT (0.21.2) transformers refuses them for every PEFT method until PEFT 0.22
+    is released, as the README says. This test runs in both tiers and checks whichever holds."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+    from transformers.integrations.peft import MIN_PEFT_VERSION
+
+    model = make_llama()
+    config = IDLoRAConfig(r=8, num_clusters=2, init_weights=False, target_modules=["q_proj", "v_proj"])
+    if Version(version("peft")) < Version(MIN_PEFT_VERSION):
+        with pytest.raises(ValueError, match=f"version >= {MIN_PEFT_VERSION}"):
+            model.add_adapter(config, adapter_name="a")
+        return
+    model.add_adapter(config, adapter_name="a")
+    assert model.active_adapters() == ["a"]
+    ids = torch.randint(0, 97, (1, 6))
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        model.disable_adapters()
+        assert not torch.allclose(model(input_ids=ids).logits, adapted)
+        model.enable_adapters()
+        torch.testing.assert_close(model(input_ids=ids).logits, adapted)
+    get_peft_model(make_llama(), config).save_pretrained(tmp_path)
+    plain = make_llama()
+    plain.load_adapter(str(tmp_path), adapter_name="loaded")
+    plain.set_adapter("loaded")
+    reference = PeftModel.from_pretrained(make_llama(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, reference(input_ids=ids).logits)

@@ -104,32 +104,6 @@ def training_columns(dataset, columns: tuple[str, ...]):
     return dataset.remove_columns([c for c in dataset.column_names if c not in columns])
 
 
-def resolve_checkpoint(training) -> Optional[str]:
-    """`--resume_from_checkpoint`: a checkpoint directory, or `last`/`true` for the newest one in `--output_dir`.
-    Checked before anything loads: it must hold the adapter (whose indices the resumed run reuses)."""
-    value = training.resume_from_checkpoint
-    if value in (None, "", False):
-        return None
-    if str(value).lower() in ("true", "last"):
-        from transformers.trainer_utils import get_last_checkpoint
-
-        found = get_last_checkpoint(training.output_dir) if os.path.isdir(training.output_dir) else None
-        if found is None:
-            raise UsageError(f"--resume_from_checkpoint {value}: no checkpoint-N folder in --output_dir "
-                             f"{training.output_dir!r} (checkpoints are written with --save_steps N)")
-        value = found
-    from ..indices import ADAPTER_WEIGHTS
-
-    if not os.path.isdir(value):
-        raise UsageError(f"--resume_from_checkpoint {value!r} does not exist")
-    if not os.path.isfile(os.path.join(value, ADAPTER_WEIGHTS)):
-        raise UsageError(f"--resume_from_checkpoint {value!r} is not a checkpoint of an adapter (no "
-                         f"{ADAPTER_WEIGHTS}); checkpoints are the checkpoint-N folders that --save_steps N writes "
-                         "into --output_dir")
-    training.resume_from_checkpoint = value
-    return value
-
-
 # ------------------------------------------------------------------------------------- distributed
 def is_main_process() -> bool:
     """Rank 0 of a distributed launch (torchrun, deepspeed), or a single process: the one that prints."""

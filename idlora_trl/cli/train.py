@@ -17,11 +17,12 @@ from __future__ import annotations
 import time
 from typing import Optional
 
+from .checkpoints import resolve_checkpoint
 from .common import UsageError, idlora_config
 from .parser import Run, uses_deepspeed
 from .report import write_picture
 from .runtime import (count_base_parameters, end_distributed, load_model, log_callback, loss_trend,
-                      mixture_dataset, resolve_checkpoint, save_adapter, say, seconds, setup_adapter,
+                      mixture_dataset, save_adapter, say, seconds, setup_adapter,
                       training_columns, use_our_printer, user_dataset)
 
 

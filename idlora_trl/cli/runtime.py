@@ -15,6 +15,28 @@ from .common import UsageError, first_line
 logger = logging.get_logger(f"transformers.{__name__}")
 
 # ------------------------------------------------------------------------------------- model and data
+def quantization(model_args, dtype) -> dict:
+    """`from_pretrained` arguments for TRL's `--load_in_4bit` / `--load_in_8bit` (bitsandbytes, QLoRA-style: the
+    rows of the dequantized weights are clustered; integrations/bitsandbytes)."""
+    import torch
+
+    four, eight = getattr(model_args, "load_in_4bit", False), getattr(model_args, "load_in_8bit", False)
+    if not (four or eight):
+        return {}
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as error:
+        raise UsageError(f"--load_in_{'4' if four else '8'}bit needs bitsandbytes: pip install bitsandbytes") from error
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_8bit=True) if eight else BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=model_args.use_bnb_nested_quant,
+        bnb_4bit_compute_dtype=torch.float32 if dtype == "auto" else dtype)
+    device = int(os.environ.get("LOCAL_RANK", "0")) if torch.cuda.is_available() else "cpu"
+    return {"quantization_config": config, "device_map": {"": device}}
+
+
 def load_model(path: Optional[str], model_args=None):
     """`(model, tokenizer, label)`: a local model directory (or a cached Hub name), or the embedded SmolLM2.
     `model_args` (a `trl.ModelConfig`) gives the dtype, revision and attention implementation."""
@@ -43,6 +65,7 @@ def load_model(path: Optional[str], model_args=None):
         kwargs["attn_implementation"] = model_args.attn_implementation
     if getattr(model_args, "model_revision", "main") not in (None, "main"):
         kwargs["revision"] = model_args.model_revision
+    kwargs.update(quantization(model_args, kwargs["dtype"]))
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
@@ -51,8 +74,8 @@ def load_model(path: Optional[str], model_args=None):
         tokenizer = AutoTokenizer.from_pretrained(path, **{k: v for k, v in kwargs.items() if k == "revision"})
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError) as error:
-        raise UsageError(f"cannot load model {path!r} (nothing is downloaded; pass a local model directory to "
-                         f"--model_name_or_path): {first_line(error)}") from error
+        raise UsageError(f"cannot load model {path!r} (--model_name_or_path takes a model directory, or a Hub name "
+                         f"this machine can download): {first_line(error)}") from error
     finally:
         if bars:
             hf_logging.enable_progress_bar()

@@ -141,7 +141,7 @@ def test_the_command_trains_on_a_4bit_base(tiny_model_dir, tmp_path, capsys):
 
     main(["sft", "--model_name_or_path", tiny_model_dir, "--load_in_4bit", "--bnb_4bit_quant_type", "nf4",
           "--idlora_r", "8", "--idlora_num_clusters", "2", "--per_device_train_batch_size", "4", "--logging_steps", "1",
-          "--max_steps", "3", "--max_train_samples", "12", "--eval_samples", "0", "--no_plot", "--learning_rate", "1e-2",
-          "--output_dir", str(tmp_path)])
+          "--max_steps", "3", "--max_train_samples", "12", "--eval_samples", "0", "--no_plot", "--learning_rate",
+          "1e-2", "--output_dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert "step    3/3  loss" in out and (tmp_path / "adapter_model.safetensors").is_file()

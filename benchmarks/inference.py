@@ -30,6 +30,9 @@ def add_arguments(parser) -> None:
     group.add_argument("--decode", type=int, default=32, help="decoding steps with the KV cache")
     group.add_argument("--inference-rounds", type=int, default=5, help="interleaved rounds per measurement")
     group.add_argument("--no-compile", action="store_true", help="eager models only")
+    group.add_argument("--inference-eager-only", action="store_true",
+                       help="measure the eager models only; the compiled part is kept from the stored inference.json "
+                            "(with the date it was measured)")
 
 
 def _models(base, p: int, seed: int, names=("base", "LoRA", "LoRA merged", "ID-LoRA", "ID-LoRA static merged")):
@@ -115,7 +118,17 @@ def run(args) -> dict:
     log(f"inference: {label}, eager")
     data = {"model": label, "p": p, "prefill": prefill, "decode": decode, "rounds": rounds,
             "eager": _measure(models, args, base.config.vocab_size, prefill, decode)}
-    if not args.no_compile:
+    if args.inference_eager_only:
+        import json
+        import os
+
+        stored = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "benchmarks",
+                              "inference.json")
+        with open(stored, encoding="utf-8") as handle:
+            old = json.load(handle)
+        data.update({key: old[key] for key in ("compiled", "graph_breaks", "backend") if key in old},
+                    compiled_measured=old.get("compiled_measured") or old["machine"]["date"])
+    elif not args.no_compile:
         import torch._dynamo as dynamo
 
         backend = "aot_eager" if args.smoke else "inductor"  # the smoke run checks the path, not the kernels
@@ -174,6 +187,9 @@ def render(data: dict, ctx) -> tuple[str, list]:
         "the targets' ratios are medians of per-round ratios.", "",
         table(["model", "mode", "prefill tokens/s", "decode tokens/s, batch 1", "decode tokens/s, batch 8",
                "forward at 4 tokens (s)"], rows, "llrrrr")]
+    if data.get("compiled_measured"):
+        lines += ["", f"(The eager rows were measured on {data['machine']['date']}, the compiled ones on "
+                      f"{data['compiled_measured']}.)"]
     if "graph_breaks" in data:
         breaks = ", ".join(f"{name} {count}" for name, count in data["graph_breaks"].items())
         lines += ["", f"Graph breaks (`torch._dynamo.explain`, forward of 4 tokens): {breaks}."]

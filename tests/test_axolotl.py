@@ -251,8 +251,8 @@ def test_bad_idlora_block_is_a_clear_error(workspace, plugin_manager, block, mes
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    ({"load_in_4bit": True}, "load_in_4bit: ID-LoRA needs a full-precision"),
-    ({"load_in_8bit": True}, "load_in_8bit: ID-LoRA needs a full-precision"),
+    ({"load_in_4bit": True}, "load_in_4bit: ID-LoRA on a bitsandbytes base is not wired into Axolotl"),
+    ({"load_in_8bit": True}, "load_in_8bit: ID-LoRA on a bitsandbytes base is not wired into Axolotl"),
     ({"gptq": True}, "gptq: GPTQ-quantized base models are not supported"),
     ({"merge_lora": True}, "token router's update depends on each token"),
     ({"merge_lora": True, "idlora": {"router": "static"}}, "needs merge_method: legacy"),

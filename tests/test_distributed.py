@@ -376,24 +376,3 @@ def test_zero3_partition_dtype_follows_the_config_on_any_cpu(zero3_in_this_proce
         model = get_peft_model(model, idlora_config())  # the adapter stays float32 on a bf16 base (precision.py)
         assert {p.dtype for _, layer in idlora_layers(model) for p in layer.idlora_B.parameters()} == {torch.float32}
         del keep_alive, model
-
-
-def test_zero3_model_built_before_the_config_stays_float32_without_fp16(zero3_in_this_process, monkeypatch, tmp_path):
-    """A user's model built outside `zero.Init`: `deepspeed.initialize` partitions it with `Init(module=...,
-    dtype=its dtype)`, which on a CPU without mkldnn fp16 names bf16, but existing parameters are not cast."""
-    from deepspeed.accelerator import get_accelerator
-    from helpers import make_chat_llama, make_tokenizer
-    from test_trainers import CPU, sft_dataset
-    from trl import SFTConfig
-
-    from idlora_trl import IDLoRASFTTrainer
-
-    monkeypatch.setattr(type(get_accelerator()), "is_fp16_supported", lambda self: False)
-    tok = make_tokenizer()
-    model = make_chat_llama(tok)  # before the config: not partitioned at creation
-    config = SFTConfig(output_dir=str(tmp_path), max_steps=2, learning_rate=1e-2, **{**CPU, "max_length": 32},
-                       deepspeed=str(files("idlora_trl.integrations.deepspeed") / "zero3_cpu_fp32.json"))
-    trainer = IDLoRASFTTrainer(model, args=config, train_dataset=sft_dataset(), processing_class=tok,
-                               peft_config=idlora_config())
-    trainer.train()
-    assert {p.ds_tensor.dtype for p in trainer.model_wrapped.module.parameters()} == {torch.float32}

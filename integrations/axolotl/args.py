@@ -119,9 +119,9 @@ def _problems(data: Mapping) -> list[str]:
                         "compares ID-LoRA at rank 4p with LoRA at rank p.")
     for key in ("load_in_4bit", "load_in_8bit"):
         if data.get(key):
-            problems.append(f"{key}: ID-LoRA needs a full-precision (or bf16/fp16) base model: its skeleton rows "
-                            "are rows of the frozen weight, read by clustering and gathered from the layer output. "
-                            "Remove it, or use adapter: qlora.")
+            problems.append(f"{key}: ID-LoRA on a bitsandbytes base is not wired into Axolotl's loader yet. Remove "
+                            "it and train a full-precision (or bf16/fp16) base here, or train the quantized base "
+                            f"with `idlora-trl sft --{key}` or the Python API (integrations/bitsandbytes).")
     if data.get("gptq"):
         problems.append("gptq: GPTQ-quantized base models are not supported by ID-LoRA.")
     block = data.get("idlora") if isinstance(data.get("idlora"), Mapping) else {}

@@ -65,16 +65,18 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_info() -> dict:
-    """What the numbers were measured on: CPU, cores, torch and library versions, threads, date, load."""
+def version(name: str) -> str:
+    """An installed distribution's version, or "absent"."""
     import importlib.metadata as md
 
-    def version(name: str) -> str:
-        try:
-            return md.version(name)
-        except md.PackageNotFoundError:
-            return "absent"
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return "absent"
 
+
+def machine_info() -> dict:
+    """What the numbers were measured on: CPU, cores, torch and library versions, threads, date, load."""
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.metadata as md
 import json
 import os
 import re
@@ -27,6 +26,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # common.py, also when a test loads this file by path
 RECORD = ROOT / "docs" / "benchmarks" / "main-job.json"
 README = ROOT / "README.md"
 BEGIN = "<!-- main-job: written by benchmarks/main_job.py from docs/benchmarks/main-job.json -->"
@@ -41,20 +41,10 @@ def machine() -> dict:
     """The facts a run's figures depend on: CPU family, its fp16 support, threads, package versions."""
     import torch
 
-    def version(name: str) -> str:
-        try:
-            return md.version(name)
-        except md.PackageNotFoundError:
-            return "absent"
+    from common import cpu_model, version
 
-    cpu = "unknown"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "mkldnn_fp16": bool(torch.ops.mkldnn._is_mkldnn_fp16_supported()), "threads": THREADS,
-            **{name: version(name) for name in PACKAGES}}
+    return {"cpu": cpu_model(), "mkldnn_fp16": bool(torch.ops.mkldnn._is_mkldnn_fp16_supported()),
+            "threads": THREADS, **{name: version(name) for name in PACKAGES}}
 
 
 def run_job(output_dir: Path) -> tuple[str, float]:

@@ -172,9 +172,6 @@ class IDLoRALayer(BaseTunerLayer):
         if loaded:
             self.loaded_now.add(adapter_name)
 
-    def indices_ready(self, adapter_name: str) -> bool:
-        return adapter_name in self._indices_ready
-
     def unready(self, adapter_name: str) -> None:
         """After a failed load: the forward refuses `adapter_name` here until its table is set or loaded again."""
         self._indices_ready.discard(adapter_name)

@@ -23,7 +23,9 @@ from .precision import autocast_false_error, half_precision_bases
 from .skeleton import fill_indices
 
 
-SUPPORTED_QUANTIZATION = ("bitsandbytes",)  # the rows of the weight must be readable: integrations/bitsandbytes
+# The rows of the weight must be readable: bitsandbytes through integrations/bitsandbytes; a GGUF checkpoint is
+# dequantized to float weights by transformers as it loads (the model stays marked "gguf").
+SUPPORTED_QUANTIZATION = ("bitsandbytes", "gguf")
 
 
 def check_quantization(model: nn.Module) -> None:

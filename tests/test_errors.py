@@ -142,3 +142,20 @@ def test_loading_into_a_mismatched_model_is_reported(tmp_path):
     peft_model.save_pretrained(tmp_path)
     with pytest.raises(RuntimeError, match=r"size mismatch.*idlora_B"):
         PeftModel.from_pretrained(make_llama(hidden=128), tmp_path)
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "hqq", "torchao"])
+def test_other_quantization_schemes_are_refused_by_name(method):
+    model = make_llama()
+    model.config.quantization_config = {"quant_method": method}
+    model.is_quantized = True
+    with pytest.raises(ValueError, match=rf"does not support bases quantized with '{method}'.*bitsandbytes"):
+        get_peft_model(model, IDLoRAConfig(r=8, num_clusters=2))
+
+
+def test_a_gguf_checkpoint_is_accepted():
+    """transformers dequantizes a GGUF checkpoint to float weights as it loads, and leaves the model marked "gguf"."""
+    model = make_llama()
+    model.config.quantization_config = {"quant_method": "gguf"}
+    model.is_quantized = True
+    assert len(get_indices(get_peft_model(model, IDLoRAConfig(r=8, num_clusters=2)))) == 14

@@ -1,7 +1,7 @@
 """ID-LoRA on bitsandbytes 4-bit (nf4, fp4) and 8-bit bases, QLoRA-style, with real bitsandbytes on the CPU: the
 rows clustered are those of the dequantized weight (the same indices as a float model holding those weights),
 training moves only the adapter, and a saved adapter loads onto a fresh quantized base with the same outputs.
-Other quantization schemes are refused by name."""
+(Other quantization schemes are refused by name: tests/test_errors.py.)"""
 
 import pytest
 import torch
@@ -125,15 +125,6 @@ def test_trains_saves_and_loads_on_a_quantized_base(model_dir, kind, tmp_path):
             assert not torch.allclose(out, loaded(input_ids=ids).logits)  # the trained update is there
         if kind == "8bit":  # (a 4-bit base computes in another precision once bitsandbytes repacked it for the CPU)
             torch.testing.assert_close(out, model(input_ids=ids).logits)
-
-
-@pytest.mark.parametrize("method", ["gptq", "awq", "hqq", "torchao"])
-def test_other_quantization_schemes_are_refused_by_name(method):
-    model = make_llama()
-    model.config.quantization_config = {"quant_method": method}
-    model.is_quantized = True
-    with pytest.raises(ValueError, match=rf"does not support bases quantized with '{method}'.*bitsandbytes"):
-        get_peft_model(model, idlora())
 
 
 def test_the_command_trains_on_a_4bit_base(tiny_model_dir, tmp_path, capsys):

@@ -53,11 +53,12 @@ def computed_weight(module: nn.Module) -> torch.Tensor:
     """The weight as the layer computes with it: its output for the identity, less the bias. For a 4-bit weight that
     bitsandbytes repacked for its AVX512-BF16 CPU kernel (the first eval-mode forward on such a CPU does): the
     packed data no longer dequantizes directly, and bitsandbytes' inverse of the packing is not exact."""
-    eye = torch.eye(module.in_features, device=module.weight.device, dtype=torch.float32)
-    out = module(eye).float()
-    if module.bias is not None:
-        out = out - module.bias.float()
-    return out.t().contiguous()
+    columns = []
+    for start in range(0, module.in_features, 1024):  # the identity in slices: at most 1024 x d_in at a time
+        eye = torch.eye(module.in_features, device=module.weight.device, dtype=torch.float32)[start:start + 1024]
+        out = module(eye).float()
+        columns.append(out - module.bias.float() if module.bias is not None else out)
+    return torch.cat(columns).t().contiguous()
 
 
 @contextlib.contextmanager

@@ -109,6 +109,11 @@ def decompose_layers(layers: list[tuple[str, IDLoRALayer]], adapter_name: str, c
                     try:
                         # the tensor the context gave, else `base.weight` (an old plugin's `__enter__` may give `self`)
                         rows = weight_rows(base, full if isinstance(full, torch.Tensor) else None)
+                        if type(rows).__name__ == "DTensor":  # no import: torch.distributed.tensor is optional
+                            raise ValueError(
+                                "its weight is a DTensor (sharded by FSDP2's fully_shard or tensor parallelism), "
+                                "which no weight plugin gathers: add the ID-LoRA adapter before sharding the "
+                                "model (docs/DISTRIBUTED.md)")
                         if tuple(rows.shape) != (layer.out_features, layer.in_features):
                             raise ValueError(f"the weight context gave shape {tuple(rows.shape)} for "
                                              f"{(layer.out_features, layer.in_features)} rows")

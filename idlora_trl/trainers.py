@@ -62,7 +62,17 @@ class _IDLoRATrainerMixin:
                            "own output is not finite on this batch.")
         return loss
 
+    def _warn_if_fsdp_was_dropped(self) -> None:
+        """transformers turns FSDP off without a word where accelerate cannot run it (on a CPU it runs DDP)."""
+        if getattr(self.args, "fsdp", None) and not getattr(self, "is_fsdp_enabled", False):
+            logger.warning(
+                f"FSDP was asked for (fsdp={self.args.fsdp!r}), but accelerate does not run it here (distributed "
+                f"type {self.accelerator.distributed_type.value}; on a CPU it never does): every process holds the "
+                "whole model and the gradients are all-reduced, which trains ID-LoRA the same way. To shard on a "
+                "CPU, wrap the model with torch's fully_shard yourself (docs/DISTRIBUTED.md).")
+
     def _report_parameters(self) -> None:
+        self._warn_if_fsdp_was_dropped()
         if not self.is_world_process_zero():
             return
         model = self.accelerator.unwrap_model(self.model)

@@ -47,6 +47,16 @@ def resolve_peft_config(model: Any, peft_config: Optional[PeftConfig], trainer: 
     return peft_config
 
 
+def seed_before_wrapping(args: Any, positional: tuple) -> None:
+    """`transformers.set_seed(args.seed)` before TRL wraps the model: PEFT draws the router `T` at random, and TRL
+    before 1.12 (Axolotl's pin is 1.9) wraps the model before the Trainer seeds, so two runs of one script would
+    start from different routers. Newer TRL seeds there itself; seeding twice changes nothing."""
+    from transformers import TrainingArguments, set_seed
+
+    args = args if args is not None else (positional[0] if positional else None)
+    set_seed(getattr(args, "seed", TrainingArguments.__dataclass_fields__["seed"].default))
+
+
 class _IDLoRATrainerMixin:
     def training_step(self, model, inputs, *args: Any, **kwargs: Any) -> torch.Tensor:
         """TRL's step; when its loss is not finite, the step's batch runs again under `overflow_check`, so that an
@@ -87,6 +97,7 @@ class IDLoRASFTTrainer(_IDLoRATrainerMixin, SFTTrainer):
 
     def __init__(self, model, *args: Any, peft_config: Optional[PeftConfig] = None, **kwargs: Any) -> None:
         peft_config = resolve_peft_config(model, peft_config, type(self).__name__)
+        seed_before_wrapping(kwargs.get("args"), args)
         super().__init__(model, *args, peft_config=peft_config, **kwargs)
         self._report_parameters()
 
@@ -101,6 +112,7 @@ class IDLoRADPOTrainer(_IDLoRATrainerMixin, DPOTrainer):
     def __init__(self, model, ref_model=None, *args: Any, peft_config: Optional[PeftConfig] = None,
                  **kwargs: Any) -> None:
         peft_config = resolve_peft_config(model, peft_config, type(self).__name__)
+        seed_before_wrapping(kwargs.get("args"), args)
         super().__init__(model, ref_model, *args, peft_config=peft_config, **kwargs)
         unwrapped = self.accelerator.unwrap_model(self.model)
         if "ref" in getattr(unwrapped, "peft_config", {}):

@@ -91,6 +91,24 @@ def test_trainers_refuse_other_peft_configs(tmp_path):
                          train_dataset=sft_dataset(), processing_class=tok, peft_config=LoraConfig())
 
 
+@pytest.mark.parametrize("trainer_cls", [IDLoRASFTTrainer, IDLoRADPOTrainer])
+def test_two_trainers_with_one_seed_start_from_the_same_router(tmp_path, trainer_cls):
+    """PEFT draws T at random; the trainers seed before TRL wraps the model, whatever TRL's version (TRL < 1.12
+    wraps it before the Trainer seeds). The global generator is disturbed in between, as a script's own work would."""
+    tok = make_tokenizer()
+    config_cls, data = (SFTConfig, sft_dataset) if trainer_cls is IDLoRASFTTrainer else (DPOConfig, dpo_dataset)
+    routers = []
+    for run in range(2):
+        base = make_chat_llama(tok)  # (seeds the generator itself)
+        torch.manual_seed(100 + run)
+        trainer = trainer_cls(base, args=config_cls(output_dir=str(tmp_path / str(run)), **CPU),
+                              train_dataset=data(), processing_class=tok, peft_config=idlora())
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        routers.append({n: p.detach().clone() for n, p in model.named_parameters() if ".idlora_T.default." in n})
+    assert routers[0] and routers[0].keys() == routers[1].keys()
+    assert all(torch.equal(routers[0][n], routers[1][n]) for n in routers[0])
+
+
 def reference_logps(base, batch):
     """Sum of the base model's log-probs of the completion tokens, computed by hand."""
     logits = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]

@@ -131,3 +131,14 @@ def reference_forward(layer, adapters, h):
                                layer.scaling[name], h)
         out = out + (full - h.double() @ W.double().T)
     return out
+
+
+def dequantized(module) -> torch.Tensor:
+    """The float weight of a bitsandbytes layer, by bitsandbytes' own functions (written here, not ours)."""
+    import bitsandbytes as bnb
+
+    weight = module.weight
+    if type(weight).__name__ == "Params4bit":
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
+    scales = weight.SCB if weight.SCB is not None else module.state.SCB
+    return weight.data.float() * scales.float().view(-1, 1) / 127

@@ -4,6 +4,7 @@ and the plugin's validation and loading in process.
 Needs Axolotl, which lives in its own venv: `bash integrations/axolotl/ci.sh` creates it (axolotl 0.19.0,
 CPU torch 2.13.0) and runs this file. In the main venv the whole module is skipped.
 """
+# ruff: noqa: F811  (test functions take the fixtures imported from tests/axolotl/fixtures.py as arguments)
 
 import json
 import os
@@ -24,6 +25,7 @@ pytest.importorskip("axolotl.integrations.base", reason="Axolotl tier: run `bash
 sys.path.insert(0, str(Path(__file__).parent / "axolotl"))
 
 import tiny_axolotl as tiny  # noqa: E402
+from fixtures import plugin_manager, train, validate, workspace  # noqa: E402,F401  (pytest fixtures: F811 below)
 import torch  # noqa: E402
 from peft import PeftModel, get_peft_model  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
@@ -33,45 +35,10 @@ import idlora_trl  # noqa: E402  (registers ID-LoRA with PEFT)
 import idlora_trl.skeleton  # noqa: E402
 from idlora_trl import IDLoRAConfig, IDLoRALayer, get_indices  # noqa: E402
 
-TRAIN_TIMEOUT = 900  # one `axolotl train` takes about a minute on 2 shared cores
 TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("axolotl")
-    model_dir = tiny.write_tiny_model(root / "tiny")
-    tiny.write_jsonl(model_dir / "sft.jsonl", tiny.sft_rows())
-    tiny.write_jsonl(model_dir / "dpo.jsonl", tiny.dpo_rows())
-    tiny.write_jsonl(model_dir / "dpo_chat.jsonl", tiny.dpo_chat_rows())
-    return root, model_dir
-
-
-@pytest.fixture
-def plugin_manager():
-    """Axolotl's process-wide PluginManager, restored afterwards (registrations would leak between tests)."""
-    from axolotl.integrations.base import PluginManager
-
-    manager = PluginManager.get_instance()
-    saved_plugins, saved_cfg = dict(manager.plugins), manager.cfg
-    yield manager
-    manager.plugins.clear()
-    manager.plugins.update(saved_plugins)
-    manager.cfg = saved_cfg
-
-
-def train(workspace, name: str, cfg: dict) -> tuple[Path, str]:
-    root, _ = workspace
-    config = tiny.write_config(root / f"{name}.yml", cfg)
-    code, output, seconds = tiny.run_axolotl_train(config, root / f"{name}.log", timeout=TRAIN_TIMEOUT)
-    print(f"axolotl train {name}: exit {code} in {seconds:.0f} s")
-    if code != 0:
-        lines = [line for line in output.splitlines() if "is ignored: it is neither" not in line]
-        pytest.fail(f"`axolotl train` ({name}) exited {code} after {seconds:.0f} s:\n" + "\n".join(lines[-60:]))
-    return root / name / "out", output
 
 
 @pytest.fixture(scope="module")
@@ -188,16 +155,6 @@ def test_dpo_continues_from_the_sft_adapter_without_reclustering(sft_run, worksp
 # ------------------------------------------------------------------------------------- validation, in process
 
 
-def validate(workspace, plugin_manager, **overrides):
-    from axolotl.utils.config import prepare_plugins, validate_config
-    from axolotl.utils.dict import DictDefault
-
-    root, model_dir = workspace
-    cfg = DictDefault(tiny.base_config(model_dir, root / "unit", **overrides))
-    prepare_plugins(cfg)  # before validation: the plugin makes `adapter: idlora` known
-    return validate_config(cfg)
-
-
 @pytest.mark.parametrize("name", ["sft.yml", "dpo_safety.yml", "sft_zero3.yml"])
 def test_examples_validate(name, plugin_manager, monkeypatch):
     from axolotl.utils.config import prepare_plugins, validate_config
@@ -251,8 +208,7 @@ def test_bad_idlora_block_is_a_clear_error(workspace, plugin_manager, block, mes
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    ({"load_in_4bit": True}, "load_in_4bit: ID-LoRA on a bitsandbytes base is not wired into Axolotl"),
-    ({"load_in_8bit": True}, "load_in_8bit: ID-LoRA on a bitsandbytes base is not wired into Axolotl"),
+    ({"load_in_4bit": True, "load_in_8bit": True}, "load_in_4bit and load_in_8bit are both set"),
     ({"gptq": True}, "gptq: GPTQ-quantized base models are not supported"),
     ({"merge_lora": True}, "token router's update depends on each token"),
     ({"merge_lora": True, "idlora": {"router": "static"}}, "needs merge_method: legacy"),
@@ -260,7 +216,7 @@ def test_bad_idlora_block_is_a_clear_error(workspace, plugin_manager, block, mes
     ({"lora_r": None}, "lora_r is required"),
     ({"peft_use_dora": True}, "peft_use_dora: a LoRA-only option"),
     ({"lora_target_parameters": ["mlp.experts"]}, "lora_target_parameters: a LoRA-only option"),
-], ids=["4bit", "8bit", "gptq", "merge-token-router", "merge-static-efficient", "relora", "no-lora_r", "dora",
+], ids=["4bit-and-8bit", "gptq", "merge-token-router", "merge-static-efficient", "relora", "no-lora_r", "dora",
         "target-parameters"])
 def test_unsupported_settings_are_clear_errors(workspace, plugin_manager, overrides, message):
     with pytest.raises(ValueError, match=message):

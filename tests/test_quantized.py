@@ -5,7 +5,7 @@ training moves only the adapter, and a saved adapter loads onto a fresh quantize
 
 import pytest
 import torch
-from helpers import make_llama
+from helpers import dequantized, make_llama
 from peft import PeftModel, get_peft_model
 
 from idlora_trl import IDLoRAConfig, get_indices
@@ -32,15 +32,6 @@ def quantized(model_dir, kind: str):
         load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_compute_dtype=torch.float32)
     return AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config, device_map="cpu",
                                                 dtype=torch.float32)
-
-
-def dequantized(module) -> torch.Tensor:
-    """The float weight of a bitsandbytes layer, by bitsandbytes' own functions (written here, not ours)."""
-    weight = module.weight
-    if type(weight).__name__ == "Params4bit":
-        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
-    scales = weight.SCB if weight.SCB is not None else module.state.SCB
-    return weight.data.float() * scales.float().view(-1, 1) / 127
 
 
 def idlora() -> IDLoRAConfig:

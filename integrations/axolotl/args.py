@@ -9,6 +9,10 @@ Axolotl merges this model into its config schema (`IDLoRAPlugin.get_input_args`)
 - `rl_adapter_ref_model`, a core Axolotl key that no Axolotl schema declares (up to 0.21), so that it is not
   silently dropped.
 
+With `load_in_4bit` / `load_in_8bit` (QLoRA-style) the validation puts a bitsandbytes `quantization_config` into
+Axolotl's `model_kwargs` (Axolotl builds one only for `adapter: qlora` / `lora`); the plugin then clusters the
+dequantized weights (`idlora_trl.integrations.bitsandbytes`).
+
 The rank, scaling, dropout and target modules come from Axolotl's usual `lora_r`, `lora_alpha`, `lora_dropout`,
 `lora_target_modules` / `lora_target_linear`, and `lora_model_dir` reloads a saved adapter.
 
@@ -117,11 +121,8 @@ def _problems(data: Mapping) -> list[str]:
     if data.get("lora_r") is None:
         problems.append("lora_r is required: the number of skeleton rows kept per cluster (rank r). The paper "
                         "compares ID-LoRA at rank 4p with LoRA at rank p.")
-    for key in ("load_in_4bit", "load_in_8bit"):
-        if data.get(key):
-            problems.append(f"{key}: ID-LoRA on a bitsandbytes base is not wired into Axolotl's loader yet. Remove "
-                            "it and train a full-precision (or bf16/fp16) base here, or train the quantized base "
-                            f"with `idlora-trl sft --{key}` or the Python API (integrations/bitsandbytes).")
+    if data.get("load_in_4bit") and data.get("load_in_8bit"):
+        problems.append("load_in_4bit and load_in_8bit are both set: choose one bitsandbytes precision.")
     if data.get("gptq"):
         problems.append("gptq: GPTQ-quantized base models are not supported by ID-LoRA.")
     block = data.get("idlora") if isinstance(data.get("idlora"), Mapping) else {}
@@ -141,6 +142,42 @@ def _problems(data: Mapping) -> list[str]:
         if data.get(key):
             problems.append(f"{key}: a LoRA-only option ({why}).")
     return problems
+
+
+def quantization_config(data: Mapping) -> Optional[dict]:
+    """The bitsandbytes `quantization_config` (a dict, as `from_pretrained` takes it) for `load_in_4bit` /
+    `load_in_8bit` with `adapter: idlora`: Axolotl builds one only for `adapter: qlora` / `lora`. The same settings
+    as Axolotl's QLoRA (nf4, double quantization, compute in the training dtype; `bnb_config_kwargs` overrides),
+    except the 4-bit storage type, left at bitsandbytes' default (uint8) unless `bnb_config_kwargs` sets it."""
+    if data.get("load_in_8bit"):
+        return {"quant_method": "bitsandbytes", "load_in_8bit": True}
+    if not data.get("load_in_4bit"):
+        return None
+    if data.get("bf16") is True or (data.get("bf16") == "auto" and _bf16_available()):
+        compute = "bfloat16"
+    else:
+        compute = "float16" if data.get("fp16") is True else "float32"
+    return {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+            "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": compute, "llm_int8_threshold": 6.0,
+            **dict(data.get("bnb_config_kwargs") or {})}
+
+
+def _bf16_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def _with_quantization(data: Mapping) -> Mapping:
+    """`data` with the bitsandbytes config under Axolotl's `model_kwargs` (passed to `from_pretrained`), unless the
+    config already gives one there."""
+    config = quantization_config(data)
+    key = "overrides_of_model_kwargs" if "overrides_of_model_kwargs" in data else "model_kwargs"
+    kwargs = dict(data.get(key) or {})
+    if config is None or "quantization_config" in kwargs:
+        return data
+    LOG.info("adapter: idlora on a bitsandbytes base: quantization_config %s", config)
+    return {**data, key: {**kwargs, "quantization_config": config}}
 
 
 class IDLoRAArgs(BaseModel):
@@ -169,8 +206,8 @@ class IDLoRAArgs(BaseModel):
             raise ValueError("adapter: idlora cannot be used as configured:\n  - " + "\n  - ".join(problems))
         if data.get("fsdp") or data.get("fsdp_config"):
             LOG.warning("adapter: idlora with FSDP is untested; DeepSpeed ZeRO-3 is the supported sharded setup.")
+        data = dict(_with_quantization(data))
         if data.get("idlora") is None:
-            data = dict(data)
             data["idlora"] = {}
         return data
 

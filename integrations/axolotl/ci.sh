@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Axolotl CI tier: a separate venv with axolotl 0.19.0 on CPU torch 2.13.0, this project installed into it
-# without touching Axolotl's pins, then `pytest tests/test_axolotl.py tests/test_quantized.py` (real `axolotl
-# train` runs for SFT and DPO, plus validation unit tests; ID-LoRA on bitsandbytes 4-bit and 8-bit bases, whose
-# bitsandbytes 0.50.2 comes with Axolotl).
+# without touching Axolotl's pins, then pytest on tests/test_axolotl.py, test_axolotl_qlora.py and test_quantized.py
+# (real `axolotl train` runs for SFT, DPO and a 4-bit base, plus validation unit tests; ID-LoRA on bitsandbytes
+# 4-bit and 8-bit bases, whose bitsandbytes 0.50.2 comes with Axolotl).
 #
 #   bash integrations/axolotl/ci.sh            # from anywhere; paths are relative to the repo root
 #   bash integrations/axolotl/ci.sh -k dpo     # extra arguments go to pytest
@@ -84,7 +84,7 @@ PYEOF
 export AXOLOTL_DO_NOT_TRACK=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_DISABLED=true
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false
 status=0
-"$PY" -m pytest tests/test_axolotl.py tests/test_quantized.py -p no:cacheprovider "$@" || status=$?
+"$PY" -m pytest tests/test_axolotl.py tests/test_axolotl_qlora.py tests/test_quantized.py -p no:cacheprovider "$@" || status=$?
 t2=$(date +%s)
 echo "== axolotl tests run time: $((t2 - t1)) s (install $((t1 - t0)) s, total $((t2 - t0)) s)"
 exit $status

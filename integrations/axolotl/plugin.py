@@ -12,7 +12,8 @@ How it plugs in (Axolotl's plugin-adapter hooks, no patching):
 - `get_adapter_capabilities` declares `idlora`, which makes `adapter: idlora` pass Axolotl's schema check.
   `lora_like=False`: if loading ever declined, Axolotl fails instead of silently training a LoRA.
 - `get_input_args` adds the `idlora:` block and `rl_adapter_ref_model` (`args.py`); the checks there reject
-  what ID-LoRA cannot do (4/8-bit bases, GPTQ, merging the token router, ReLoRA, LoRA-only options).
+  what ID-LoRA cannot do (GPTQ, merging the token router, ReLoRA, LoRA-only options), and with `load_in_4bit` /
+  `load_in_8bit` give Axolotl's loader the bitsandbytes config it builds only for LoRA (QLoRA-style ID-LoRA).
 - `load_adapter` builds a PEFT model with the native ID-LoRA tuner of `idlora_trl`, so Axolotl's and TRL's
   adapter code paths apply unchanged (adapter-only checkpoints, DPO reference = adapter disabled):
   - SFT: `(get_peft_model(model, IDLoRAConfig), config)`; the clustering runs here, once.
@@ -135,6 +136,12 @@ class IDLoRAPlugin(BasePlugin):
         config = build_idlora_config(model, cfg)
         if config_only:  # DPO/IPO/KTO: TRL calls get_peft_model; injecting here too would add it twice
             return None, config
+        quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+        if quantized and not inference:
+            from peft import prepare_model_for_kbit_training  # as Axolotl does for QLoRA before the adapter
+
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=bool(cfg.gradient_checkpointing))
         model = get_peft_model(model, config, **kwargs)
         self._report(model)
         return model, config

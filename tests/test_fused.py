@@ -12,6 +12,7 @@ from transformers.pytorch_utils import Conv1D
 from idlora_trl import IDLoRAConfig
 from idlora_trl.fused import GatherMixAdd
 from idlora_trl.layer import IDLoRALayer
+from idlora_trl.variants import variant_for
 
 ROUTERS = {"token": ("token", "none"), "rms": ("token", "rms"), "static": ("static", "none")}
 
@@ -137,7 +138,6 @@ def test_gather_mix_add_passes_gradcheck(router):
     base_out = torch.randn(3, d_out, dtype=torch.float64, generator=gen, requires_grad=True)
 
     def fn(base_out, B, router_weight):
-        return GatherMixAdd.apply(base_out.clone(), flat, bias, B, router_weight, kind == "static", norm == "rms",
-                                  k, 0.7)
+        return GatherMixAdd.apply(base_out.clone(), flat, bias, B, router_weight, variant_for(kind, norm), k, 0.7)
 
     assert torch.autograd.gradcheck(fn, (base_out, B, router_weight))

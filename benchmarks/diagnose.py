@@ -95,7 +95,6 @@ def _adapted(base, config):
 
 def router(base, batch: dict, targets: list[str], r: int, k: int) -> list[dict]:
     from idlora_trl import IDLoRAConfig
-    from idlora_trl.fused import mix
     from idlora_trl.layer import IDLoRALayer
 
     out = []
@@ -110,8 +109,8 @@ def router(base, batch: dict, targets: list[str], r: int, k: int) -> list[dict]:
             gathered = (base_out.index_select(-1, module.idlora_indices["default"].reshape(-1))
                         - (0 if module.base_layer.bias is None else module.base_layer.bias[
                             module.idlora_indices["default"].reshape(-1)])).unflatten(-1, (k, r))
-            v, alpha, _ = mix(gathered.reshape(-1, k, r), module.idlora_T["default"].weight.view(-1), False,
-                              module.router_norm["default"] == "rms")  # the layer's router (token router here)
+            variant = module.idlora_variant["default"]  # the layer's router (token router here)
+            v, alpha, _ = variant.mix(gathered.reshape(-1, k, r), module.idlora_T["default"].weight.view(-1))
             s = stats.setdefault(_kind(name), {"x": [], "v": [], "alpha": []})
             s["x"].append(float(gathered.square().mean().sqrt()))
             s["v"].append(float((v * module.scaling["default"]).square().mean().sqrt()))

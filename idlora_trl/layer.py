@@ -6,6 +6,9 @@ State per adapter `a` (names are part of the public state-dict format):
   one weight per cluster (`[k]`). Trainable.
 - `idlora_indices[a]`: `[k, r]` int64 rows of the frozen weight, a persistent buffer. `-1` until computed.
 
+What depends on the router (its state and initialisation, the mix, merging, the overflow check) is the adapter's
+variant, `idlora_variant[a]` (`variants.py`), chosen once in `update_layer`, as PEFT's LoRA does with `lora_variant`.
+
 `B` and `T` stay float32 on a half-precision base, after `.to(torch.bfloat16)` and under `torch.autocast`
 (`precision.py`); the base output is cast back to the base dtype at the end.
 """
@@ -25,19 +28,12 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import IDLoRAConfig
 from .decomposition import CLUSTERED
-from .fused import adapted_output, mix
+from .fused import adapted_output
 from .loading import check_layer_state, checked_table, missing_indices_error
 from .precision import adapter_dtype, float32_region, keep_float32
+from .variants import RouterVariant, variant_for
 
 PLACEHOLDER = -1
-
-
-class ClusterWeights(nn.Module):
-    """The static router's state: one learned weight `alpha_i` per cluster (the layer mixes with `fused.mix`)."""
-
-    def __init__(self, num_clusters: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.full((num_clusters,), 1.0 / num_clusters))
 
 
 def layer_shape(base_layer: nn.Module) -> tuple[int, int]:
@@ -59,7 +55,7 @@ def weight_rows(base_layer: nn.Module, weight: Optional[torch.Tensor] = None) ->
 class IDLoRALayer(BaseTunerLayer):
     adapter_layer_names = ("idlora_B", "idlora_T")
     other_param_names = ("idlora_indices", "idlora_dropout", "r", "num_clusters", "rank_boost", "scaling", "router",
-                         "router_norm")
+                         "router_norm", "idlora_variant")
 
     def __init__(self, base_layer: nn.Module, module_name: str = "", **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -77,6 +73,7 @@ class IDLoRALayer(BaseTunerLayer):
         self.scaling: dict[str, float] = {}
         self.router: dict[str, str] = {}
         self.router_norm: dict[str, str] = {}
+        self.idlora_variant: dict[str, RouterVariant] = {}  # the router's behaviour per adapter (`variants.py`)
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         # Skeleton rows of the *unmerged* weight, per merged adapter: unmerging recomputes the exact delta.
@@ -100,10 +97,11 @@ class IDLoRALayer(BaseTunerLayer):
         self.scaling[adapter_name] = config.scaling
         self.router[adapter_name] = config.router
         self.router_norm[adapter_name] = config.router_norm
+        self.idlora_variant[adapter_name] = variant = variant_for(config.router, config.router_norm)
         if getattr(config, "loaded_from", None):
             self.sources[adapter_name] = config.loaded_from
         self.idlora_B[adapter_name] = nn.Linear(r // f, self.out_features // f, bias=False)
-        self.idlora_T[adapter_name] = ClusterWeights(k) if self.is_static(adapter_name) else nn.Linear(r, 1, bias=False)
+        variant.init(self, adapter_name, config)  # idlora_T[adapter_name]
         dropout = config.idlora_dropout
         self.idlora_dropout[adapter_name] = nn.Dropout(dropout) if dropout else nn.Identity()
         self.idlora_indices[adapter_name] = torch.full((k, r), PLACEHOLDER, dtype=torch.long)
@@ -111,10 +109,6 @@ class IDLoRALayer(BaseTunerLayer):
         self.reset_idlora_parameters(adapter_name, config)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
-
-    def is_static(self, adapter_name: str) -> bool:
-        """Whether `adapter_name` uses the static router (the one test of the router type in this layer)."""
-        return self.router[adapter_name] == "static"
 
     def _check_shapes(self, r: int, k: int, f: int, min_size: int) -> None:
         d_out, where = self.out_features, f"module {self.module_name!r} (d_out={self.out_features})"
@@ -137,8 +131,7 @@ class IDLoRALayer(BaseTunerLayer):
             nn.init.zeros_(B)
         else:  # non-identity start, for tests
             nn.init.normal_(B, std=1.0 / math.sqrt(B.shape[1]))
-        if not self.is_static(adapter_name):  # the static router starts at alpha_i = 1 / k (ClusterWeights)
-            nn.init.normal_(self.idlora_T[adapter_name].weight, std=config.router_std)
+        self.idlora_variant[adapter_name].reset(self, adapter_name, config)
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
         """Move the adapter to the base layer's device, keeping it in (at least) float32 (PEFT's version also casts
@@ -196,16 +189,11 @@ class IDLoRALayer(BaseTunerLayer):
     # ------------------------------------------------------------------ forward
 
     def _mixed(self, adapter_name: str, gathered: torch.Tensor) -> torch.Tensor:
-        """`v = sum_i alpha_i x_i` from the gathered skeleton outputs `[..., k, r]` (`fused.mix`).
-
-        Token router: `alpha_i = <T, x_i>` (paper, `router_norm="none"`), or `<T, x_i> / (sqrt(r) rms(x))` with
-        `rms(x)` over the token's `k * r` gathered values (`router_norm="rms"`): the same routing directions,
-        but `alpha_i` no longer grows with the activations, so `v` (and the update) is linear in them, as in LoRA.
-        """
+        """`v = sum_i alpha_i x_i` from the gathered skeleton outputs `[..., k, r]`, by the adapter's variant's
+        `mix` (`variants.py`: the paper's token router, its rms form, or the static router)."""
         k, r = gathered.shape[-2:]
         weight = self.idlora_T[adapter_name].weight.view(-1)  # T is nn.Linear(r, 1) for its state-dict name
-        v = mix(gathered.reshape(-1, k, r), weight, self.is_static(adapter_name),
-                self.router_norm[adapter_name] == "rms")[0]
+        v = self.idlora_variant[adapter_name].mix(gathered.reshape(-1, k, r), weight)[0]
         return v.view(*gathered.shape[:-2], r)
 
     def _mixed_input(self, adapter_name: str, base_out: torch.Tensor) -> torch.Tensor:
@@ -219,28 +207,9 @@ class IDLoRALayer(BaseTunerLayer):
             gathered = gathered - bias.index_select(0, flat).float()
         gathered = gathered.unflatten(-1, (k, r))  # x_i = A_i h, [..., k, r]
         v = self._mixed(adapter_name, gathered)
-        if self.check_overflow:
-            self._check_finite(adapter_name, base_out, v)
+        if self.check_overflow:  # set by `overflow.overflow_check` only: the check syncs
+            self.idlora_variant[adapter_name].check_overflow(self, adapter_name, base_out, v)
         return self.idlora_dropout[adapter_name](v)
-
-    def _check_finite(self, adapter_name: str, base_out: torch.Tensor, v: torch.Tensor) -> None:
-        """Under `overflow.overflow_check` only (it syncs): with the paper's router the update is quadratic in the
-        activations and can overflow where LoRA's does not; an update that turns a finite base output into inf/NaN
-        is an error naming the module. The trainers run it when a loss is not finite."""
-        if self.router_norm[adapter_name] != "none":
-            return
-        B = self.idlora_B[adapter_name].weight.detach()
-        update = nn.functional.linear(v.detach().unflatten(-1, (self.rank_boost[adapter_name], -1)).to(B.dtype), B)
-        if bool(torch.isfinite(update * self.scaling[adapter_name]).all()) or not bool(torch.isfinite(base_out).all()):
-            return
-        T = self.idlora_T[adapter_name].weight.abs().max().item()
-        raise FloatingPointError(
-            f"ID-LoRA adapter {adapter_name!r} on module {self.module_name!r} turned a finite output into inf/NaN "
-            f"(max |W h| = {base_out.abs().max().item():.3g}, max |T| = {T:.3g}, max |B| = "
-            f"{B.abs().max().item():.3g}). With router_norm='none' (the paper's router) the update is quadratic in "
-            "the activations and overflows at this scale. Use router_norm='rms' (scale-free: the update is linear "
-            "in the activations, like LoRA's; the default 'none' is the paper's router), or a lower learning rate."
-        )
 
     def _update(self, adapter_name: str, base_out: torch.Tensor) -> torch.Tensor:
         """`s * concat_j(B v_j)` in float32, from the base layer's output `W h + b`."""
@@ -262,8 +231,8 @@ class IDLoRALayer(BaseTunerLayer):
         with float32_region(base_out):
             return adapted_output(
                 base_out, flat, None if bias is None else bias.detach().index_select(0, flat).float(),
-                self.idlora_B[adapter_name].weight, self.idlora_T[adapter_name].weight, self.is_static(adapter_name),
-                self.router_norm[adapter_name] == "rms", self.num_clusters[adapter_name], self.scaling[adapter_name])
+                self.idlora_B[adapter_name].weight, self.idlora_T[adapter_name].weight,
+                self.idlora_variant[adapter_name], self.num_clusters[adapter_name], self.scaling[adapter_name])
 
     def idlora_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if kwargs.pop("adapter_names", None) is not None:
@@ -292,55 +261,37 @@ class IDLoRALayer(BaseTunerLayer):
 
     # ------------------------------------------------------------------ merging (static router only)
 
-    def _delta_from_rows(self, adapter_name: str, rows: torch.Tensor) -> torch.Tensor:
-        """Delta weight `s * blockdiag(B, .., B) @ sum_i alpha_i W[idx_i]` (`[d_out, d_in]`) from the rows."""
-        k, r, f = self.num_clusters[adapter_name], self.r[adapter_name], self.rank_boost[adapter_name]
-        alpha = self.idlora_T[adapter_name].weight.float()
-        mixed = torch.einsum("k,krd->rd", alpha, rows.float().reshape(k, r, -1))  # [r, d_in]
-        B = self.idlora_B[adapter_name].weight.float()  # [d_out/f, r/f]
-        blocks = torch.einsum("or,frd->fod", B, mixed.reshape(f, r // f, -1))  # [f, d_out/f, d_in]
-        return blocks.reshape(self.out_features, -1) * self.scaling[adapter_name]
-
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The adapter's update as a `[d_out, d_in]` matrix, from the unmerged weight. Static router only."""
-        if not self.is_static(adapter_name):
-            raise ValueError(self._merge_error(adapter_name))
-        return self._delta_from_rows(adapter_name, self._unmerged_rows(adapter_name))
+        variant = self.idlora_variant[adapter_name]
+        variant.check_mergeable(self, adapter_name)
+        return variant.delta_weight(self, adapter_name, self._unmerged_rows(adapter_name))
 
     def _unmerged_rows(self, adapter_name: str) -> torch.Tensor:
         flat = self._checked_indices(adapter_name).reshape(-1)
         rows = weight_rows(self.get_base_layer()).detach().index_select(0, flat).float()
         for merged in self.merged_adapters:  # remove what earlier merges added to these rows
-            rows = rows - self._delta_from_rows(merged, self._merged_rows[merged]).index_select(0, flat)
+            delta = self.idlora_variant[merged].delta_weight(self, merged, self._merged_rows[merged])
+            rows = rows - delta.index_select(0, flat)
         return rows
-
-    def _merge_error(self, adapter_name: str) -> str:
-        return (
-            f"ID-LoRA adapter {adapter_name!r} on module {self.module_name!r} uses the token router: its update "
-            "alpha_i = <T, x_i> depends on each token, so it is not a fixed matrix and cannot be merged into "
-            "the weight. Train with IDLoRAConfig(router='static') to get a mergeable adapter, or use unload() "
-            "to remove the adapter without merging."
-        )
 
     def check_mergeable(self, adapter_names: Optional[list[str]] = None) -> list[str]:
         """The adapters a merge would act on here (not yet merged); raises, changing nothing, if one cannot be
         merged. `IDLoRAModel` runs it on every layer before any layer merges."""
         names = [name for name in check_adapters_to_merge(self, adapter_names) if name in self.idlora_B]
         for name in names:
-            if not self.is_static(name):
-                raise ValueError(self._merge_error(name))
+            self.idlora_variant[name].check_mergeable(self, name)
             self._checked_indices(name)
         return names
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         for name in self.check_mergeable(adapter_names):
-            rows = self._unmerged_rows(name)
-            delta = self._delta_from_rows(name, rows)
-            rows_view = weight_rows(self.get_base_layer())
-            merged = rows_view.data + delta.to(rows_view.dtype)
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"NaNs or infs in the merged weights of module {self.module_name!r} ({name!r}).")
-            rows_view.data.copy_(merged)
+            variant, rows = self.idlora_variant[name], self._unmerged_rows(name)
+            weight = weight_rows(self.get_base_layer()).data
+            if safe_merge:
+                weight.copy_(variant.merge_safe(self, name, rows, weight))
+            else:
+                variant.merge_unsafe(self, name, rows, weight)
             self._merged_rows[name] = rows
             self.merged_adapters.append(name)
 
@@ -350,9 +301,8 @@ class IDLoRALayer(BaseTunerLayer):
             return
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            rows_view = weight_rows(self.get_base_layer())
-            delta = self._delta_from_rows(name, self._merged_rows.pop(name))
-            rows_view.data.sub_(delta.to(rows_view.dtype))
+            weight = weight_rows(self.get_base_layer()).data
+            self.idlora_variant[name].unmerge(self, name, self._merged_rows.pop(name), weight)
 
 
 class Linear(nn.Module, IDLoRALayer):

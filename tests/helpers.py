@@ -100,18 +100,40 @@ def smollm2_or_skip() -> None:
     pytest.skip(message)
 
 
-def dense_reference(W, b, indices, B, T, router, f, scaling, h):
-    """ID-LoRA's Eq. 3/4 written out in float64 from W, the indices, B and T, with the skeleton rows
-    A_i = W[idx_i] multiplied explicitly (no gather from the layer output) and blockdiag(B, .., B) built."""
-    W, h, B, T = W.double(), h.double(), B.double(), T.double()
-    k, r = indices.shape
+# The router variants, as (router, router_norm) of IDLoRAConfig: the paper's token router, its rms form, the static one.
+ROUTER_VARIANTS = {"token": ("token", "none"), "rms": ("token", "rms"), "static": ("static", "none")}
+
+
+def update_reference(x, B, T, router: str = "token", norm: str = "none", f: int = 1, scaling: float = 1.0):
+    """`s * blockdiag(B, .., B) sum_i alpha_i x_i` in float64 from the skeleton outputs `x` (`[..., k, r]`), written
+    out here in plain torch (never the library's mix), differentiable in x, B and T:
+
+        alpha_i = <T, x_i>                              router="token", norm="none" (the paper's)
+                = <T, x_i> / sqrt(r mean(x^2))          router="token", norm="rms" (mean over the token's k r values)
+                = T_i                                   router="static" (one weight per cluster; norm unused)
+    """
+    x, B, T = x.double(), B.double(), T.double()
+    k, r = x.shape[-2:]
+    if router == "static":
+        alpha = T.reshape(k).expand(*x.shape[:-1])
+    else:
+        alpha = x @ T.reshape(r)                                               # [..., k]
+        if norm == "rms":
+            alpha = alpha / torch.sqrt(r * (x ** 2).mean(dim=(-2, -1))).unsqueeze(-1)
+    v = torch.einsum("...k,...kr->...r", alpha, x)                           # v = sum_i alpha_i x_i
+    return scaling * v @ torch.block_diag(*[B] * f).T                          # blockdiag(B, .., B): [d_out, r]
+
+
+def dense_reference(W, b, indices, B, T, h, router: str = "token", norm: str = "none", f: int = 1,
+                    scaling: float = 1.0):
+    """ID-LoRA's Eq. 3/4, `W h + b + s * blockdiag(B) sum_i alpha_i x_i`, in float64 from W, b (or None), the
+    `[k, r]` indices, B, T and h (`[..., d_in]`), with the skeleton rows A_i = W[idx_i] multiplied explicitly
+    (`x_i = A_i h`: no gather from the layer output). Parametrised over the router (`update_reference`), the
+    rank boost `f` and the bias; differentiable in h, B and T."""
+    W, h = W.double(), h.double()
     out = h @ W.T + (b.double() if b is not None else 0)
-    A = W[indices]                                   # [k, r, d_in]
-    x = torch.einsum("krd,nd->nkr", A, h)            # x_i = A_i h
-    alpha = x @ T.reshape(r) if router == "token" else T.reshape(k).expand(h.shape[0], k)
-    v = torch.einsum("nk,nkr->nr", alpha, x)         # v = sum_i alpha_i x_i
-    blockdiag = torch.block_diag(*[B] * f)           # [d_out, r]
-    return out + scaling * v @ blockdiag.T
+    x = torch.einsum("krd,...d->...kr", W[indices], h)                      # x_i = A_i h
+    return out + update_reference(x, B, T, router, norm, f, scaling)
 
 
 def base_weight_rows(layer):
@@ -120,16 +142,16 @@ def base_weight_rows(layer):
 
 
 def reference_forward(layer, adapters, h):
-    """The float64 output of an ID-LoRA layer with `adapters` active, from `dense_reference` alone: the base
-    output `W h + b` plus each adapter's own update (each read from the base output, never another's)."""
+    """The float64 output of an ID-LoRA layer with `adapters` active, from `update_reference` alone: the base
+    output `W h + b` plus each adapter's own update (each read from the base output, never another's), with the
+    router each adapter's config names."""
     base = layer.get_base_layer()
     W = base_weight_rows(layer)
     out = h.double() @ W.double().T + (base.bias.double() if base.bias is not None else 0)
     for name in adapters:
-        full = dense_reference(W, None, layer.idlora_indices[name], layer.idlora_B[name].weight,
-                               layer.idlora_T[name].weight, layer.router[name], layer.rank_boost[name],
-                               layer.scaling[name], h)
-        out = out + (full - h.double() @ W.double().T)
+        x = torch.einsum("krd,...d->...kr", W.double()[layer.idlora_indices[name]], h.double())
+        out = out + update_reference(x, layer.idlora_B[name].weight, layer.idlora_T[name].weight, layer.router[name],
+                                     layer.router_norm[name], layer.rank_boost[name], layer.scaling[name])
     return out
 
 

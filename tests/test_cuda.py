@@ -1,14 +1,14 @@
 """Tests worth running on a GPU: `pytest -m cuda` (or `python benchmarks/run.py --gpu-check`) on a CUDA machine.
 
-The adapted layer's forward and backward in float32 and bfloat16 against a float64 dense reference written out
-here, the float32 update under `torch.autocast`, and `get_peft_model` plus training steps and a save/load round
-trip of a tiny Llama. Each test is parametrized over the device: the `cpu` variant runs in the normal suite, so
+The adapted layer's forward and backward in float32 and bfloat16 against the float64 `helpers.dense_reference`
+(every router), the float32 update under `torch.autocast`, and `get_peft_model` plus training steps and a save/load
+round trip of a tiny Llama. Each test is parametrized over the device: the `cpu` variant runs in the normal suite, so
 the test's own logic is checked where no GPU is lent; the `cuda` variant is marked `cuda` and skips without one.
 """
 
 import pytest
 import torch
-from helpers import make_llama
+from helpers import ROUTER_VARIANTS, dense_reference, make_llama, update_reference
 from peft import PeftModel, get_peft_model
 from torch import nn
 
@@ -38,12 +38,15 @@ def rel_error(got: torch.Tensor, expected: torch.Tensor) -> float:
     return float((got - expected).norm() / expected.norm())
 
 
+@pytest.mark.parametrize("router", list(ROUTER_VARIANTS))
 @pytest.mark.parametrize("rank_boost", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_layer_forward_backward_match_float64_reference(device, dtype, rank_boost):
-    """y = W h + b + s blockdiag(B, .., B) sum_i <T, x_i> x_i with x_i = W[idx_i] h, and its gradients with respect
-    to h, B and T, computed by autograd in float64 on the CPU from the layer's own (rounded) W, b, h, B and T."""
+def test_layer_forward_backward_match_float64_reference(device, dtype, rank_boost, router):
+    """y = W h + b + s blockdiag(B, .., B) sum_i alpha_i x_i with x_i = W[idx_i] h (`helpers.dense_reference`, for
+    each router), and its gradients with respect to h, B and T, computed by autograd in float64 on the CPU from the
+    layer's own (rounded) W, b, h, B and T."""
+    kind, norm = ROUTER_VARIANTS[router]
     torch.manual_seed(0)
     d_in, d_out, k, r, scaling = 48, 96, 4, 8, 0.5
     base = nn.Linear(d_in, d_out, bias=True)
@@ -51,7 +54,8 @@ def test_layer_forward_backward_match_float64_reference(device, dtype, rank_boos
         base.bias.normal_(std=0.5)  # x_i must not contain the bias: a non-zero one tests that
     model = nn.Sequential(base).to(device=device, dtype=dtype)
     peft_model = get_peft_model(model, IDLoRAConfig(r=r, num_clusters=k, rank_boost=rank_boost, init_weights=False,
-                                                    idlora_alpha=scaling * r, target_modules=["0"]))
+                                                    router=kind, router_norm=norm, idlora_alpha=scaling * r,
+                                                    target_modules=["0"]))
     layer = peft_model.base_model.model[0]
     B, T = layer.idlora_B["default"].weight, layer.idlora_T["default"].weight
     with torch.no_grad():
@@ -70,11 +74,8 @@ def test_layer_forward_backward_match_float64_reference(device, dtype, rank_boos
 
     W64, b64 = base.weight.detach().double().cpu(), base.bias.detach().double().cpu()
     h64, B64, T64 = (t.detach().double().cpu().requires_grad_(True) for t in (h, B, T))
-    x = torch.einsum("krd,bsd->bskr", W64[idx], h64)      # x_i = A_i h with A_i = W[idx_i], multiplied out
-    alpha = x @ T64.reshape(r)                            # alpha_i = <T, x_i>
-    v = torch.einsum("bsk,bskr->bsr", alpha, x)           # v = sum_i alpha_i x_i
     base_out = h64 @ W64.T + b64
-    expected = base_out + scaling * v @ torch.block_diag(*[B64] * rank_boost).T
+    expected = dense_reference(W64, b64, idx, B64, T64, h64, kind, norm, rank_boost, scaling)
     expected.backward(grad_out.double().cpu())
     assert rel_error(base_out, expected) > 0.2  # a broken update path cannot pass
 
@@ -102,9 +103,8 @@ def test_update_is_float32_under_autocast(device):
     assert base_out.dtype == out.dtype == torch.bfloat16 and update.dtype == torch.float32
     idx = layer.idlora_indices["default"].cpu()
     x = base_out.double().cpu()[:, idx.reshape(-1)].unflatten(-1, tuple(idx.shape))       # [n, k, r]
-    v = torch.einsum("nk,nkr->nr", x @ layer.idlora_T["default"].weight.double().cpu().reshape(-1), x)
-    B = layer.idlora_B["default"].weight.double().cpu()
-    expected = layer.scaling["default"] * v @ torch.block_diag(B, B).T                     # rank_boost 2
+    expected = update_reference(x, layer.idlora_B["default"].weight.cpu(), layer.idlora_T["default"].weight.cpu(),
+                                f=2, scaling=layer.scaling["default"])                    # token router, rank_boost 2
     assert rel_error(update, expected) < 1e-5
 
 

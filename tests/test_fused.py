@@ -1,10 +1,11 @@
 """Gradients of the adapted layer (`fused.GatherMixAdd`'s hand-written backward, and the general autograd path)
-against autograd through an independent float64 formula: the skeleton rows multiplied explicitly, no gather
-from the layer output, every router (the paper's, rms, static), rank boosting, non-zero biases, Conv1D."""
+against autograd through the independent float64 formula `helpers.dense_reference`: the skeleton rows multiplied
+explicitly, no gather from the layer output, every router (the paper's, rms, static), rank boosting, non-zero biases,
+Conv1D."""
 
 import pytest
 import torch
-from helpers import base_weight_rows, set_nonzero_biases
+from helpers import ROUTER_VARIANTS, base_weight_rows, dense_reference, set_nonzero_biases
 from peft import get_peft_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -12,27 +13,10 @@ from transformers.pytorch_utils import Conv1D
 from idlora_trl import IDLoRAConfig
 from idlora_trl.fused import GatherMixAdd
 from idlora_trl.layer import IDLoRALayer
-
-ROUTERS = {"token": ("token", "none"), "rms": ("token", "rms"), "static": ("static", "none")}
-
-
-def reference(W, b, indices, B, T, router, norm, f, scaling, h):
-    """`W h + b + s blockdiag(B) sum_i alpha_i W[idx_i] h`, in float64, differentiable in h, B and T."""
-    k, r = indices.shape
-    out = h @ W.T + (b if b is not None else 0)
-    x = torch.einsum("krd,nd->nkr", W[indices], h)  # x_i = A_i h
-    if router == "static":
-        alpha = T.reshape(1, k).expand(h.shape[0], k)
-    else:
-        alpha = x @ T.reshape(r)
-        if norm == "rms":
-            alpha = alpha / torch.sqrt(r * (x ** 2).mean(dim=(1, 2))).unsqueeze(1)
-    v = torch.einsum("nk,nkr->nr", alpha, x)
-    return out + scaling * v @ torch.block_diag(*[B] * f).T
-
+from idlora_trl.variants import variant_for
 
 def adapted(base: nn.Module, router: str, rank_boost: int, seed: int = 0):
-    kind, norm = ROUTERS[router]
+    kind, norm = ROUTER_VARIANTS[router]
     config = IDLoRAConfig(r=8, num_clusters=3, rank_boost=rank_boost, router=kind, router_norm=norm,
                           idlora_alpha=12, init_weights=False, target_modules=["0"])
     model = get_peft_model(nn.Sequential(base), config)
@@ -43,7 +27,7 @@ def adapted(base: nn.Module, router: str, rank_boost: int, seed: int = 0):
 
 
 def check_gradients(layer, router, rank_boost, h, out_grad, input_grad=True):
-    kind, norm = ROUTERS[router]
+    kind, norm = ROUTER_VARIANTS[router]
     base = layer.get_base_layer()
     B, T = layer.idlora_B["default"].weight, layer.idlora_T["default"].weight
     h = h.clone().requires_grad_(input_grad)
@@ -52,8 +36,8 @@ def check_gradients(layer, router, rank_boost, h, out_grad, input_grad=True):
     h64 = h.detach().double().requires_grad_(input_grad)
     B64, T64 = B.detach().double().requires_grad_(), T.detach().double().requires_grad_()
     bias = base.bias.detach().double() if base.bias is not None else None
-    expected = reference(base_weight_rows(layer).double(), bias, layer.idlora_indices["default"], B64, T64, kind,
-                         norm, rank_boost, 12 / 8, h64.reshape(-1, h.shape[-1]))
+    expected = dense_reference(base_weight_rows(layer).double(), bias, layer.idlora_indices["default"], B64, T64,
+                               h64.reshape(-1, h.shape[-1]), kind, norm, rank_boost, 12 / 8)
     expected.backward(out_grad.double().reshape(expected.shape))
     torch.testing.assert_close(got.detach().double().reshape(expected.shape), expected.detach(),
                                rtol=1e-5, atol=1e-5)
@@ -64,7 +48,7 @@ def check_gradients(layer, router, rank_boost, h, out_grad, input_grad=True):
 
 
 @pytest.mark.parametrize("path", ["fused", "general"])
-@pytest.mark.parametrize("router", list(ROUTERS))
+@pytest.mark.parametrize("router", list(ROUTER_VARIANTS))
 @pytest.mark.parametrize("rank_boost", [1, 2])
 @pytest.mark.parametrize("bias", [False, True])
 def test_gradients_match_dense_reference(path, router, rank_boost, bias, monkeypatch):
@@ -89,7 +73,7 @@ def record(calls, backward):
     return staticmethod(wrapped)
 
 
-@pytest.mark.parametrize("router", list(ROUTERS))
+@pytest.mark.parametrize("router", list(ROUTER_VARIANTS))
 def test_conv1d_gradients_match_dense_reference(router):
     """Conv1D's output is a view of its addmm: the in-place update and its backward go through the view."""
     base = set_nonzero_biases(Conv1D(24, 20))  # nf=24 outputs, nx=20 inputs; weight stored [20, 24]
@@ -98,7 +82,7 @@ def test_conv1d_gradients_match_dense_reference(router):
     check_gradients(layer, router, 2, torch.randn(3, 4, 20, generator=gen), torch.randn(3, 4, 24, generator=gen))
 
 
-@pytest.mark.parametrize("router", list(ROUTERS))
+@pytest.mark.parametrize("router", list(ROUTER_VARIANTS))
 def test_gradients_without_an_input_gradient(router):
     """The first adapted layer of a frozen model: its input needs no gradient, B and T do."""
     _, layer = adapted(nn.Linear(20, 24), router, 1)
@@ -117,16 +101,16 @@ def test_frozen_adapter_passes_the_input_gradient():
     layer(h).backward(out_grad)
     W = base_weight_rows(layer).double()
     h64 = h.detach().double().requires_grad_()
-    reference(W, layer.get_base_layer().bias.double(), layer.idlora_indices["default"],
-              layer.idlora_B["default"].weight.double(), layer.idlora_T["default"].weight.double(), "token", "none",
-              2, 12 / 8, h64).backward(out_grad.double())
+    dense_reference(W, layer.get_base_layer().bias.double(), layer.idlora_indices["default"],
+                    layer.idlora_B["default"].weight.double(), layer.idlora_T["default"].weight.double(), h64,
+                    "token", "none", 2, 12 / 8).backward(out_grad.double())
     torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("router", list(ROUTERS))
+@pytest.mark.parametrize("router", list(ROUTER_VARIANTS))
 def test_gather_mix_add_passes_gradcheck(router):
     """The hand-written backward against finite differences, in float64, with a bias and rank boosting."""
-    kind, norm = ROUTERS[router]
+    kind, norm = ROUTER_VARIANTS[router]
     gen = torch.Generator().manual_seed(4)
     k, r, f, d_out = 2, 4, 2, 10
     flat = torch.randperm(d_out, generator=gen)[: k * r]
@@ -137,7 +121,6 @@ def test_gather_mix_add_passes_gradcheck(router):
     base_out = torch.randn(3, d_out, dtype=torch.float64, generator=gen, requires_grad=True)
 
     def fn(base_out, B, router_weight):
-        return GatherMixAdd.apply(base_out.clone(), flat, bias, B, router_weight, kind == "static", norm == "rms",
-                                  k, 0.7)
+        return GatherMixAdd.apply(base_out.clone(), flat, bias, B, router_weight, variant_for(kind, norm), k, 0.7)
 
     assert torch.autograd.gradcheck(fn, (base_out, B, router_weight))

@@ -103,15 +103,15 @@ def test_the_first_forward_after_loading_does_not_sync_either(tmp_path):
 def test_a_sync_put_back_is_caught(monkeypatch):
     """The detector is no test if it misses a sync: put one back into the router's mix, at the Python level and
     at the ATen level, and it is seen."""
-    from idlora_trl import fused
+    from idlora_trl.variants import TokenRouter
 
-    real_mix = fused.mix
+    real_mix = TokenRouter.mix
 
-    def mix_with_item(rows, weight, static, rms):
+    def mix_with_item(rows, weight):
         rows.abs().amax().item()
-        return real_mix(rows, weight, static, rms)
+        return real_mix(rows, weight)
 
-    monkeypatch.setattr(fused, "mix", mix_with_item)
+    monkeypatch.setattr(TokenRouter, "mix", staticmethod(mix_with_item))
     assert "item" in syncs(adapted(make_llama, idlora_config("token", 2)), train=True)
     with SyncDetector() as detector:
         torch.ops.aten._local_scalar_dense(torch.ones(()))

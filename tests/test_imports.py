@@ -82,14 +82,15 @@ def test_decomposition_is_the_bottom_and_integrations_stay_outside():
     assert graph["idlora_trl.assignment"] == set()  # the exact assignment step, pure torch/numpy
     assert graph["idlora_trl.decomposition"] == {"idlora_trl.assignment"}
     assert graph["idlora_trl.hookspecs"] == set() and graph["idlora_trl.peft_type"] == set()
-    assert graph["idlora_trl.fused"] == set()  # the adapted forward's arithmetic, pure torch
+    assert graph["idlora_trl.variants"] == set()  # the routers' arithmetic, merging and overflow check, pure torch
+    assert graph["idlora_trl.fused"] == {"idlora_trl.variants"}  # the adapted forward's autograd node
     assert graph["idlora_trl.config"] == {"idlora_trl.decomposition", "idlora_trl.peft_type", "idlora_trl.model_card"}
     assert graph["idlora_trl.model_card"] == set() and graph["idlora_trl.loading"] == set()  # leaves, like fused
     for module, edges in graph.items():
         assert not any(e.startswith("idlora_trl.integrations") for e in edges), module
     # the layer knows nothing of plugins, clustering orchestration or registration
     below_layer = {"idlora_trl.config", "idlora_trl.decomposition", "idlora_trl.precision", "idlora_trl.peft_type",
-                   "idlora_trl.fused", "idlora_trl.loading"}
+                   "idlora_trl.fused", "idlora_trl.loading", "idlora_trl.variants"}
     assert graph["idlora_trl.layer"] <= below_layer
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import base_weight_rows, dense_reference, make_gpt2, make_llama, set_nonzero_biases
+from helpers import ROUTER_VARIANTS, base_weight_rows, dense_reference, make_gpt2, make_llama, set_nonzero_biases
 from peft import get_peft_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -15,19 +15,20 @@ GRAD_MODES = {"grad": torch.enable_grad, "no_grad": torch.no_grad, "inference_mo
 
 
 @pytest.mark.parametrize("mode", list(GRAD_MODES))  # no_grad / inference_mode add the update in place
-@pytest.mark.parametrize("router", ["token", "static"])
+@pytest.mark.parametrize("router", list(ROUTER_VARIANTS))
 @pytest.mark.parametrize("rank_boost", [1, 2])
 @pytest.mark.parametrize("bias", [False, True])
 def test_forward_matches_dense_reference(router, rank_boost, bias, mode):
     model = make_llama(bias=bias)
     if bias:  # tiny Llama initialises biases to zero: without this the bias handling would go untested
         set_nonzero_biases(model)
-    config = IDLoRAConfig(r=8, num_clusters=3, rank_boost=rank_boost, router=router, idlora_alpha=12,
+    kind, norm = ROUTER_VARIANTS[router]
+    config = IDLoRAConfig(r=8, num_clusters=3, rank_boost=rank_boost, router=kind, router_norm=norm, idlora_alpha=12,
                           init_weights=False, target_modules=["q_proj", "down_proj"])
     peft_model = get_peft_model(model, config)
     with torch.no_grad():  # a static router away from its uniform start
         for module in peft_model.modules():
-            if isinstance(module, IDLoRALayer) and router == "static":
+            if isinstance(module, IDLoRALayer) and kind == "static":
                 module.idlora_T["default"].weight.normal_()
     h_all = torch.randn(5, 128)
     checked = 0
@@ -38,9 +39,8 @@ def test_forward_matches_dense_reference(router, rank_boost, bias, mode):
         h = h_all[:, : module.in_features]
         assert (base.bias is not None) == bias
         expected = dense_reference(
-            base_weight_rows(module), base.bias, module.idlora_indices["default"],
-            module.idlora_B["default"].weight, module.idlora_T["default"].weight, router, rank_boost,
-            12 / 8, h,
+            base_weight_rows(module), base.bias, module.idlora_indices["default"], module.idlora_B["default"].weight,
+            module.idlora_T["default"].weight, h, kind, norm, rank_boost, 12 / 8,
         )
         with GRAD_MODES[mode]():
             got = module(h)
@@ -65,8 +65,7 @@ def test_conv1d_forward_matches_dense_reference(mode):
         assert base.bias.abs().min() > 0
         h = torch.randn(3, module.in_features)
         expected = dense_reference(base.weight.T, base.bias, module.idlora_indices["default"],
-                                   module.idlora_B["default"].weight, module.idlora_T["default"].weight,
-                                   "token", 2, 1.0, h)
+                                   module.idlora_B["default"].weight, module.idlora_T["default"].weight, h, f=2)
         with GRAD_MODES[mode]():
             got = module(h)
         torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
@@ -82,8 +81,7 @@ def test_adapter_path_runs_in_float32_under_bf16_base():
     out = layer(h)
     assert out.dtype == torch.bfloat16
     expected = dense_reference(base_weight_rows(layer).float(), None, layer.idlora_indices["default"],
-                               layer.idlora_B["default"].weight, layer.idlora_T["default"].weight,
-                               "token", 2, 1.0, h.float())
+                               layer.idlora_B["default"].weight, layer.idlora_T["default"].weight, h.float(), f=2)
     torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2)
 
 
@@ -177,8 +175,8 @@ def test_token_router_refuses_to_merge_and_unloads(tokens):
 @pytest.mark.parametrize("mode", list(GRAD_MODES))
 @pytest.mark.parametrize("rank_boost", [1, 2])
 def test_rms_router_matches_dense_reference_with_bias(rank_boost, mode):
-    """router_norm="rms": alpha_i = <T, x_i> / (sqrt(r) rms(x)), written out in float64 on a Linear whose bias is
-    non-zero (x_i must not contain it)."""
+    """router_norm="rms": alpha_i = <T, x_i> / (sqrt(r) rms(x)) (`helpers.dense_reference`) on a Linear whose bias
+    is non-zero (x_i must not contain it), with tokens of very different sizes."""
     torch.manual_seed(0)
     d_in, d_out, k, r, scaling = 24, 40, 4, 6, 0.75
     base = nn.Linear(d_in, d_out, bias=True)
@@ -190,14 +188,8 @@ def test_rms_router_matches_dense_reference_with_bias(rank_boost, mode):
     layer = peft_model.base_model.model[0]
     h = torch.randn(7, d_in) * torch.logspace(-2, 2, 7).unsqueeze(1)  # tokens of very different sizes
     W, b = layer.get_base_layer().weight.double(), layer.get_base_layer().bias.double()
-    idx = layer.idlora_indices["default"]
-    x = torch.stack([h.double() @ W[idx[i]].T for i in range(k)], dim=1)  # [n, k, r]
-    rms = torch.sqrt((x ** 2).mean(dim=(1, 2)))                          # [n]
-    T = layer.idlora_T["default"].weight.double().reshape(r)
-    alpha = (x @ T) / (r ** 0.5 * rms).unsqueeze(1)                       # [n, k]
-    v = (alpha.unsqueeze(2) * x).sum(1)                                   # [n, r]
-    B = layer.idlora_B["default"].weight.double()
-    expected = h.double() @ W.T + b + scaling * v @ torch.block_diag(*[B] * rank_boost).T
+    expected = dense_reference(W, b, layer.idlora_indices["default"], layer.idlora_B["default"].weight,
+                               layer.idlora_T["default"].weight, h, "token", "rms", rank_boost, scaling)
     with GRAD_MODES[mode]():
         got = layer(h)
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)

@@ -6,7 +6,7 @@ whatever the base dtype; only the layer's output takes the base dtype. Both rout
 
 import pytest
 import torch
-from helpers import make_gpt2, make_llama, reference_forward, set_nonzero_biases
+from helpers import make_gpt2, make_llama, reference_forward, set_nonzero_biases, update_reference
 from peft import PeftModel, get_peft_model
 
 from idlora_trl import IDLoRAConfig
@@ -132,12 +132,8 @@ def test_adapter_arithmetic_is_float32_under_autocast(kind, router):
         # the float32 update of the (bf16) base output, against float64 arithmetic on the same input
         idx = layer.idlora_indices["default"]
         x = (base_out.double() - layer.get_base_layer().bias.double())[:, idx.reshape(-1)].unflatten(-1, idx.shape)
-        T = layer.idlora_T["default"].weight.double()
-        alpha = x @ T.reshape(-1) if router == "token" else T.expand(x.shape[0], -1)
-        v = torch.einsum("nk,nkr->nr", alpha, x)
-        B = layer.idlora_B["default"].weight.double()
-        f = layer.rank_boost["default"]
-        expected = layer.scaling["default"] * v @ torch.block_diag(*[B] * f).T
+        expected = update_reference(x, layer.idlora_B["default"].weight, layer.idlora_T["default"].weight, router,
+                                    f=layer.rank_boost["default"], scaling=layer.scaling["default"])
         torch.testing.assert_close(update.double(), expected, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(out.double(), base_out.double() + expected, rtol=2e-2, atol=2e-2)
     for hook in hooks:

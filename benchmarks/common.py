@@ -1,4 +1,5 @@
-"""Shared helpers of the benchmark suite: threads, machine info, interleaved timing, Markdown, plots.
+"""Shared helpers of the benchmark suite: paths, threads, machine info, interleaved timing and a clock, JSON,
+Markdown, plots, tiny models (the statistics are in `benchmarks.stats`).
 
 Every comparison in the suite goes through :func:`interleaved`: the candidates run in turn (A, B, C, A, B, C,
 ...) in one process, so a change in machine load hits all of them alike, and results are quoted as medians.
@@ -6,9 +7,10 @@ Every comparison in the suite goes through :func:`interleaved`: the candidates r
 from __future__ import annotations
 
 import datetime
+import json
+import math
 import os
 import platform
-import statistics
 import sys
 import time
 import warnings
@@ -17,6 +19,8 @@ from typing import Callable, Iterable, Optional
 import torch
 
 SECTIONS = ("params", "clustering", "training", "quality", "overhead", "inference")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+STORED = os.path.join(ROOT, "docs", "benchmarks")  # the sections' committed JSON (and the main job's)
 
 
 # ------------------------------------------------------------------------------------------- environment
@@ -145,15 +149,42 @@ def interleaved(candidates: dict[str, Callable[[], object]], repeats: int, warmu
     return times
 
 
-def median(values: Iterable[float]) -> float:
-    values = list(values)
-    return statistics.median(values) if values else float("nan")
+class Clock:
+    """Seconds since it was made, against a budget in seconds (None: no limit)."""
+
+    def __init__(self, budget: Optional[float] = None) -> None:
+        self.start, self.budget = time.perf_counter(), budget
+        self.skipped = False  # a run that was needed was left out past the budget (`skip`): the report says so
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def left(self) -> float:
+        return math.inf if self.budget is None else self.budget - self.elapsed()
+
+    def out(self) -> bool:
+        return self.left() < 0
+
+    def skip(self) -> bool:
+        """Whether something not done yet must be left out (past the budget); remembered in `skipped`."""
+        out = self.out()
+        self.skipped = self.skipped or out
+        return out
 
 
-def spread(values: Iterable[float]) -> float:
-    """Sample standard deviation (0 for a single value)."""
-    values = list(values)
-    return statistics.stdev(values) if len(values) > 1 else 0.0
+# ------------------------------------------------------------------------------------------------ JSON
+def write_json(path: str, data: dict) -> None:
+    """`data` as indented JSON at `path`, written to a staging file first (a killed run leaves no half file)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    staging = f"{path}.tmp"
+    with open(staging, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=1, default=str)
+    os.replace(staging, path)
+
+
+def read_json(path: str) -> dict:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
 
 
 # -------------------------------------------------------------------------------------------- Markdown

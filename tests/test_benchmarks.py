@@ -1,4 +1,4 @@
-"""The benchmark suite's smoke run: `benchmarks/run.py --smoke` runs every section at toy sizes (seconds) and
+"""The benchmark suite's smoke run: `python -m benchmarks --smoke` runs every section at toy sizes (seconds) and
 writes a doc with each section's table, numbers included, plus the raw JSON the doc can be rebuilt from."""
 
 import json
@@ -10,14 +10,15 @@ from pathlib import Path
 
 import pytest
 
-RUN = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
+ROOT = Path(__file__).resolve().parents[1]  # where `python -m benchmarks` finds the package
 SECTIONS = ("params", "clustering", "training", "quality", "overhead", "inference")
 
 
 def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    return subprocess.run([sys.executable, str(RUN), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600)
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONPATH=path)
+    return subprocess.run([sys.executable, "-m", "benchmarks", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
 
 
 def _section(doc: str, title: str) -> str:
@@ -146,11 +147,10 @@ def test_gpu_check_runs_its_cpu_side_at_smoke_sizes(tmp_path):
                      r"< 480 s \|", text)
 
 
-def test_gpu_check_table_and_exit_status(monkeypatch):
+def test_gpu_check_table_and_exit_status():
     """Rows for what a GPU run can meet: failed tests, a whole-model count cut by the budget or not run, a crashed
     part. Exit status 1 for failed tests or a crash; 0 with every test passed, whatever the targets."""
-    monkeypatch.syspath_prepend(str(RUN.parent))
-    import gpu_check
+    from benchmarks import gpu_check
 
     shapes = [{"modules": "q", "shape": [8, 8], "per_layer": 2, "seconds": [0.5, 0.4]}]
     clustering = {"k": 4, "r": 64, "layers": 32, "rows": shapes, "estimated_total_s": 28.8,
@@ -174,22 +174,20 @@ def test_gpu_check_table_and_exit_status(monkeypatch):
     assert gpu_check.exit_status(data, smoke=False) == 1 and gpu_check.exit_status(data, smoke=True) == 0
 
 
-def test_quality_report_is_partial_only_when_a_needed_run_was_left_out(monkeypatch):
+def test_quality_report_is_partial_only_when_a_needed_run_was_left_out():
     """`--quality-minutes 0` over stored runs (the doc's final render) is complete; a run left out at the deadline
     makes the report say "partial"."""
-    monkeypatch.syspath_prepend(str(RUN.parent))
-    import quality
+    from benchmarks.common import Clock
 
-    clock = quality.Clock(0)  # the deadline is now: nothing new may start
+    clock = Clock(0)  # the deadline is now: nothing new may start
     assert not clock.skipped  # rendering stored runs asks nothing of the clock
     assert clock.skip() and clock.skipped
-    unlimited = quality.Clock(None)
-    assert not unlimited.skip() and not unlimited.skipped
+    unlimited = Clock(None)
+    assert not unlimited.skip() and not unlimited.skipped and unlimited.left() == float("inf")
 
 
 def test_overhead_parses_time_v():
-    sys.path.insert(0, str(RUN.parent))
-    import overhead
+    from benchmarks.overhead import measure as overhead
 
     text = ("\tUser time (seconds): 208.14\n\tSystem time (seconds): 21.03\n"
             "\tMaximum resident set size (kbytes): 2863412\n\tMinor (reclaiming a frame) page faults: 702760\n")
@@ -201,13 +199,12 @@ def test_overhead_parses_time_v():
 
 def test_paired_interval_of_the_training_ratios():
     """The per-round ratio's median and its distribution-free 95% interval (binomial order statistics)."""
-    sys.path.insert(0, str(RUN.parent))
-    import training
+    from benchmarks.training.report import paired_interval
 
     lora = [1.0] * 16
     res = {"step_s": {"LoRA": lora, "ID-LoRA": [1.0 + i / 100 for i in range(16)]}}  # ratios 1.00 .. 1.15
-    mid, low, high = training.paired_interval(res, "step_s")
+    mid, low, high = paired_interval(res, "step_s")
     # n = 16: P(Binomial(16, 1/2) <= 3) = 0.0106 <= 0.025 < P(<= 4) = 0.0384, so the 4th and 13th ratios
     assert (round(mid, 3), round(low, 2), round(high, 2)) == (1.075, 1.03, 1.12)
     res["step_s"]["ID-LoRA"] = [1.0, 1.1]  # too few rounds for a 95% interval: the whole range
-    assert training.paired_interval(res, "step_s")[1:] == (1.0, 1.1)
+    assert paired_interval(res, "step_s")[1:] == (1.0, 1.1)

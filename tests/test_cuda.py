@@ -1,4 +1,4 @@
-"""Tests worth running on a GPU: `pytest -m cuda` (or `python benchmarks/run.py --gpu-check`) on a CUDA machine.
+"""Tests worth running on a GPU: `pytest -m cuda` (or `python -m benchmarks --gpu-check`) on a CUDA machine.
 
 The adapted layer's forward and backward in float32 and bfloat16 against the float64 `helpers.dense_reference`
 (every router), the float32 update under `torch.autocast`, and `get_peft_model` plus training steps and a save/load
@@ -15,7 +15,7 @@ from torch import nn
 from idlora_trl import IDLoRAConfig
 from idlora_trl.layer import IDLoRALayer
 
-NO_CUDA = "needs a CUDA device: run `pytest -m cuda` or `python benchmarks/run.py --gpu-check` on a GPU machine"
+NO_CUDA = "needs a CUDA device: run `pytest -m cuda` or `python -m benchmarks --gpu-check` on a GPU machine"
 DEVICES = [pytest.param("cpu", id="cpu"),
            pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda,
                                                   pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_CUDA)])]

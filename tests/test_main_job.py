@@ -1,22 +1,17 @@
-"""The README quotes one run of the main job (`make sft`): the quote is what benchmarks/main_job.py stored, and a fresh
+"""The README quotes one run of the main job (`make sft`): the quote is what benchmarks/main_job/ stored, and a fresh
 run prints the same figures on the machine that measured them.
 
 The figures depend on the code, the library versions, the CPU family and the number of threads (other CPUs round
 the last bits differently). Where any of these but the code differs from the stored run, the fresh run is skipped
-with what differs; where they match, a changed figure fails: rerun `python benchmarks/main_job.py` and commit.
+with what differs; where they match, a changed figure fails: rerun `python -m benchmarks.main_job` and commit.
 """
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 from helpers import smollm2_or_skip
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("main_job", ROOT / "benchmarks" / "main_job.py")
-main_job = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(main_job)
+from benchmarks import main_job
 
 
 def stored() -> dict:
@@ -25,7 +20,7 @@ def stored() -> dict:
 
 def test_the_readme_quotes_the_stored_run():
     record = stored()
-    assert main_job.readme_block() == main_job.render(record), "rerun `python benchmarks/main_job.py --render`"
+    assert main_job.readme_block() == main_job.render(record), "rerun `python -m benchmarks.main_job --render`"
     assert record["machine"].keys() == main_job.machine().keys() and len(record["figures"]) == 8
 
 
@@ -51,9 +46,9 @@ def test_a_fresh_main_job_prints_the_readme_figures(tmp_path):
     differs = {key: (record["machine"][key], here[key]) for key in here if record["machine"][key] != here[key]}
     if differs:
         pytest.skip(f"the README's run was measured elsewhere (stored, here): {differs}; other CPUs and versions "
-                    "round differently. Rerun `python benchmarks/main_job.py` to quote this machine.")
+                    "round differently. Rerun `python -m benchmarks.main_job` to quote this machine.")
     output, seconds = main_job.run_job(tmp_path / "sft-idlora")
     print(f"main job: {seconds:.0f} s")
     assert main_job.figures(output) == record["figures"], (
-        "the main job no longer prints the README's figures: rerun `python benchmarks/main_job.py` and commit\n"
+        "the main job no longer prints the README's figures: rerun `python -m benchmarks.main_job` and commit\n"
         + output[-3000:])

@@ -8,7 +8,7 @@ Built-in data is generated in code from a seed (no files, no downloads), in TRL'
   chosen (`idlora_trl.data.safety`), prompt/chosen/rejected rows with a `kind` column.
 
 Each has a `"train"` split and a held-out `"test"` split that shares no item with it; the SFT tasks also have a
-`"validation"` split, disjoint from both, for choosing hyper-parameters (`benchmarks/quality.py`).
+`"validation"` split, disjoint from both, for choosing hyper-parameters (`benchmarks/quality/`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Why ID-LoRA trailed LoRA: the skeleton's conditioning, the router's scale, and the size of each update.
+"""Part of section 4: why ID-LoRA trailed LoRA: the skeleton's conditioning, the router's scale, and the size of
+each update.
 
 Measured on SmolLM2-135M-Instruct (fp32) at the quality protocol's targets, rank pairing and learning rate,
 on real inputs (a batch of the built-in training rows), per module type (median over the 30 layers):
@@ -12,15 +13,15 @@ on real inputs (a batch of the built-in training rows), per module type (median 
 3. Update size: `rms(delta y) / rms(y)` of every adapted module after one AdamW step at the same learning rate,
    for LoRA and for ID-LoRA with each router norm; and at the end of training, for each method's saved adapter
    at its chosen rate.
+Its tables: `report.diagnosis`.
 """
 from __future__ import annotations
 
 import copy
-import statistics
 
 import torch
 
-from common import table
+from benchmarks.stats import median
 
 VARIANTS = {"ID-LoRA, router_norm=none (paper)": {"router_norm": "none"},
             "ID-LoRA, router_norm=rms": {"router_norm": "rms"}}
@@ -81,7 +82,7 @@ def conditioning(base, batch: dict, targets: list[str], r: int, k: int) -> list[
             found.setdefault((_kind(name), selection), []).append((*_spectrum(rows), *_spectrum(h @ rows.T)))
     out = []
     for (kind, selection), values in found.items():
-        med = [statistics.median(v[i] for v in values) for i in range(4)]
+        med = [median(v[i] for v in values) for i in range(4)]
         out.append(dict(module=kind, selection=selection, rows_cond=med[0], rows_erank=med[1], x_cond=med[2],
                         x_erank=med[3], layers=len(values)))
     return out
@@ -127,8 +128,8 @@ def router(base, batch: dict, targets: list[str], r: int, k: int) -> list[dict]:
         for kind, s in stats.items():
             alpha = torch.cat(s["alpha"]).abs()
             q = torch.quantile(alpha[:100000], torch.tensor([0.5, 0.99])).tolist()
-            out.append(dict(variant=label, module=kind, x_rms=statistics.median(s["x"]),
-                            v_rms=statistics.median(s["v"]), alpha_median=q[0], alpha_p99=q[1],
+            out.append(dict(variant=label, module=kind, x_rms=median(s["x"]),
+                            v_rms=median(s["v"]), alpha_median=q[0], alpha_p99=q[1],
                             max_T_grad=t_grad, max_B_grad=b_grad))
     return out
 
@@ -167,7 +168,7 @@ def update_sizes(base, batch: dict, targets: list[str], p: int, lr: float) -> li
         model(**batch).loss.backward()
         optimizer.step()
         for kind, values in _ratios(model, batch, targets).items():
-            out.append(dict(method=label, module=kind, median=statistics.median(values), max=max(values)))
+            out.append(dict(method=label, module=kind, median=median(values), max=max(values)))
     return out
 
 
@@ -180,7 +181,7 @@ def trained_updates(base, batch: dict, targets: list[str], adapters: dict[str, s
     for label, folder in adapters.items():
         model = PeftModel.from_pretrained(copy.deepcopy(base), folder).eval()
         for kind, values in _ratios(model, batch, targets).items():
-            out.append(dict(method=label, module=kind, median=statistics.median(values), max=max(values)))
+            out.append(dict(method=label, module=kind, median=median(values), max=max(values)))
     return out
 
 
@@ -191,32 +192,3 @@ def run(base, tokenizer, rows: list[dict], targets: list[str], p: int, lr: float
             "router": router(base, batch, targets, 4 * p, k),
             "update": update_sizes(base, batch, targets, p, lr), "lr": lr, "rows": len(rows), "p": p, "k": k,
             "trained": trained_updates(base, batch, targets, adapters or {})}
-
-
-def render(data: dict) -> list[str]:
-    out = ["**Skeleton conditioning** (median over layers; rows: the `k r` selected rows of `W`; x: the gathered "
-           f"activations on {data['rows']} training rows' tokens)", "",
-           table(["module", "selection", "rows: condition number", "rows: effective rank", "x: condition number",
-                  "x: effective rank"],
-                 [[c["module"], c["selection"], f"{c['rows_cond']:.1f}", f"{c['rows_erank']:.1f}",
-                   f"{c['x_cond']:.0f}", f"{c['x_erank']:.1f}"] for c in data["conditioning"]], "llrrrr"), ""]
-    out += ["**Router at initialisation** (`B = 0`; rms over tokens and entries, median over layers; |alpha| "
-            "quantiles over every token of the module type)", "",
-            table(["variant", "module", "rms(x)", "rms(s v)", "median abs(alpha)", "p99 abs(alpha)",
-                   "max abs(grad T)", "max abs(grad B)"],
-                  [[r["variant"], r["module"], f"{r['x_rms']:.3f}", f"{r['v_rms']:.3f}", f"{r['alpha_median']:.4f}",
-                    f"{r['alpha_p99']:.4f}", f"{r['max_T_grad']:.1e}", f"{r['max_B_grad']:.1e}"]
-                   for r in data["router"]], "llrrrrrr"), ""]
-    out += [f"**Update size after one AdamW step** (lr {data['lr']:g}): rms(delta y) / rms(y) per module, median "
-            "and largest over layers", "",
-            table(["method", "module", "median", "max"],
-                  [[u["method"], u["module"], f"{u['median']:.5f}", f"{u['max']:.5f}"] for u in data["update"]],
-                  "llrr"), ""]
-    if data.get("trained"):
-        out += ["**Update size at the end of training** (the seed-0 adapter of each method, and of each ablation "
-                "that changes the router, at its own chosen rate): "
-                "rms(delta y) / rms(y) per module, median and largest over layers", "",
-                table(["method", "module", "median", "max"],
-                      [[u["method"], u["module"], f"{u['median']:.4f}", f"{u['max']:.4f}"] for u in data["trained"]],
-                      "llrr"), ""]
-    return out

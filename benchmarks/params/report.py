@@ -1,59 +1,10 @@
-"""Section 1: trainable parameters, from the model shapes alone (models on the meta device).
-
-The paper's Table 3 (Llama-3.2-3B, all seven projections of every decoder layer: LoRA r=32 1.49%, ID-LoRA
-r=128 0.77%), and ID-LoRA at rank 4p against LoRA and DoRA at rank p on Llama-3-8B and Mistral-7B shapes
-(the paper: ID-LoRA needs "54% of LoRA", "up to 46% fewer" parameters). Percentages are
-trainable / (base + trainable), as PEFT prints them. ID-LoRA and LoRA counts are PEFT's own
-(`get_nb_trainable_parameters` of the injected model); `idlora_trl.counting.count_parameters` (what
-`idlora-trl count` prints) is checked against them. DoRA = LoRA + one magnitude vector of d_out per module.
-"""
+"""Section 1's table and targets, from `measure.run`'s data alone: the paper's Table 3 and ID-LoRA's share of LoRA."""
 from __future__ import annotations
 
-from common import log, table, target
+from benchmarks.common import table, target
 
 PAPER_TABLE3 = {"lora_r32_percent": 1.49, "idlora_r128_percent": 0.77}
 PAPER_SHARE_OF_LORA = 54.0  # percent: ID-LoRA (4p) / LoRA (p)
-
-
-def add_arguments(parser) -> None:
-    group = parser.add_argument_group("params")
-    group.add_argument("--params-ranks", default="8,16,32", help="LoRA ranks p (ID-LoRA at 4p)")
-
-
-def _counts(preset: str, r: int, lora_r: int, check_lora: bool = True) -> dict:
-    from peft import LoraConfig, get_peft_model
-
-    from idlora_trl import IDLoRAConfig, count_parameters, meta_model
-
-    idlora = get_peft_model(meta_model(preset), IDLoRAConfig(r=r, num_clusters=4, rank_boost=2,
-                                                             target_modules="all-linear"))
-    counted = count_parameters(idlora, lora_r=lora_r)
-    id_trainable, id_total = idlora.get_nb_trainable_parameters()
-    base = id_total - id_trainable
-    if check_lora:
-        lora = get_peft_model(meta_model(preset), LoraConfig(r=lora_r, target_modules="all-linear"))
-        lora_trainable, lora_total = lora.get_nb_trainable_parameters()
-    else:  # --smoke: LoRA's count from the formula only
-        lora_trainable, lora_total = counted.lora, base + counted.lora
-    return {"preset": preset, "r": r, "lora_r": lora_r, "base": base, "modules": sum(n for _, n, *_ in counted.rows),
-            "idlora": id_trainable, "lora": lora_trainable, "dora": counted.dora,
-            "counting_agrees": counted.idlora == id_trainable and counted.lora == lora_trainable
-            and counted.base == base == lora_total - lora_trainable}
-
-
-def run(args) -> dict:
-    ranks = [int(p) for p in args.params_ranks.split(",")]
-    presets = ["llama-3.2-3b", "llama-3-8b", "mistral-7b"]
-    if args.smoke:
-        ranks, presets = ranks[:1], presets[1:2]
-    log("params: Table 3 (Llama-3.2-3B, r=128 vs 32)")
-    table3 = _counts("llama-3.2-3b", 128, 32)
-    rows = []
-    for preset in presets:
-        for p in ranks:
-            log(f"params: {preset} p={p}")
-            rows.append(_counts(preset, 4 * p, p, check_lora=not args.smoke))
-    return {"table3": table3, "rows": rows}
 
 
 def _pct(n: int, base: int) -> float:

@@ -1,42 +1,15 @@
-"""Section 4: does ID-LoRA learn as well as LoRA at about half the parameters? A protocol that can tell.
-
-SmolLM2-135M-Instruct (fp32) is fine-tuned with TRL on the built-in multi-task set (`sft_dataset("train")`),
-at the main job's targets, schedule and length (`idlora-trl sft`'s defaults), with half its steps and half its
-batch (30 steps of 4 rows): one run of the main job's size takes ~4 min on 2 cores, one of these ~2 min (plus ~1.5
-min to score the test split). Measured cost: the main comparison ~2.7 h of single-worker time, the ablations ~3.5 h;
-two workers with `--threads 1` (a `--methods` or `--ablations` subset each, same `--quality-dir`) do ~1.4x the
-work of one on 2 cores, so the whole protocol takes ~4.5 h there, in sittings:
-
-1. **Learning-rate grid, on validation only.** Every method (PEFT LoRA and DoRA at rank p, PEFT VeRA, ID-LoRA
-   at rank 4p) trains at each rate of one log-spaced grid with `--grid-seeds` seeds; its rate is the one with the
-   lowest mean validation answer NLL (`sft_dataset("validation")`, disjoint from train and test). A method whose
-   best rate lies on an edge of the grid gets the next rate beyond it, until its best is inside (at most
-   `--max-extend` steps), so no method is judged at a rate that cuts its curve short.
-2. **Test, at the chosen rates**: `--test-seeds` training seeds per method (the grid's seeds are reused), scored on
-   `--test-per-task` test items per task: exact match (greedy generation) and answer NLL (teacher-forced).
-   Mean, sample standard deviation and a 95% t-interval over seeds.
-3. **Ablations** of ID-LoRA, one setting changed from the default each, each at its own best rate from the
-   grid (searched over the default's chosen rate and `--ablation-span` grid steps either side, with
-   `--ablation-grid-seeds` seeds), then `--ablation-seeds` seeds on test.
-
-Every run is one JSON under `--quality-dir` (`quality_run.py`); a later invocation resumes from them, so the
-protocol can be spread over several sittings (`--quality-minutes` stops starting new runs after that long).
-`diagnose.py` adds the measurements that explain the differences.
-"""
+"""Section 4's measurement: the protocol (learning-rate grid on validation, test at the chosen rates, ablations),
+resumed from the stored runs, then the diagnosis."""
 from __future__ import annotations
 
 import math
 import os
-import time
 
-from common import log
-from quality_run import METHODS, Bench, Spec, mean
-
+from benchmarks.common import STORED, Clock, log, read_json
+from benchmarks.quality import diagnose
+from benchmarks.quality.runs import METHODS, Bench, Spec, nll
+from benchmarks.stats import mean
 from idlora_trl.settings import DEFAULT_TARGETS, SFT_DEFAULTS  # the main job's settings
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-        12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}  # two-sided 95% Student t quantiles by degrees of freedom
 
 
 def add_arguments(parser) -> None:
@@ -58,13 +31,13 @@ def add_arguments(parser) -> None:
     g.add_argument("--ablation-grid-seeds", type=int, default=2,
                    help="seeds per grid point of an ablation (one seed picked rates that diverge on another)")
     g.add_argument("--ablation-seeds", type=int, default=3, help="test seeds per ablation")
-    g.add_argument("--quality-dir", default=os.path.join(os.path.dirname(HERE), "docs", "benchmarks", "quality-runs"),
+    g.add_argument("--quality-dir", default=os.path.join(STORED, "quality-runs"),
                    help="one JSON per run (resumed from)")
     g.add_argument("--work-dir", default=os.path.join(os.path.expanduser("~"), ".cache", "idlora-trl", "quality"),
                    help="saved adapters and index files (not committed)")
     g.add_argument("--quality-minutes", type=float, default=None, help="start no new run after this many minutes")
     g.add_argument("--exploration-dir",
-                   default=os.path.join(os.path.dirname(HERE), "docs", "benchmarks", "exploration"),
+                   default=os.path.join(STORED, "exploration"),
                    help="single-seed runs at the main job's size, shown beside the protocol's (read, not run)")
     g.add_argument("--no-diagnosis", action="store_true",
                    help="skip diagnose.py (for a worker that runs some of the methods beside another)")
@@ -82,46 +55,7 @@ def ablations(p: int, min_d_out: int) -> dict[str, dict]:
     return out
 
 
-# ----------------------------------------------------------------------------------------------- stats
-def ci95(values: list[float]) -> float:
-    """Half-width of the 95% t-interval of the mean (0 for one value)."""
-    n = len(values)
-    if n < 2:
-        return 0.0
-    sd = stdev(values)
-    t = T975[max(d for d in T975 if d <= n - 1)]
-    return t * sd / math.sqrt(n)
-
-
-def stdev(values: list[float]) -> float:
-    m = mean(values)
-    return math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
-
-
-def acc(record: dict, task: str | None = None) -> float:
-    scores = record["test"]["accuracy"]
-    return scores[task][0] / scores[task][1] if task else mean(c / t for c, t in scores.values())
-
-
-def nll(record: dict, split: str = "test") -> float:
-    return mean(record[split]["nll"].values())
-
-
 # ------------------------------------------------------------------------------------------------- run
-class Clock:
-    def __init__(self, minutes):
-        self.deadline = None if minutes is None else time.monotonic() + 60 * minutes
-        self.skipped = False  # a run the protocol needs was left out: the report says "partial"
-
-    def out(self) -> bool:
-        return self.deadline is not None and time.monotonic() > self.deadline
-
-    def skip(self) -> bool:
-        """Whether a run that is not stored yet must be left out (past the deadline); remembered."""
-        self.skipped = self.skipped or self.out()
-        return self.out()
-
-
 def _grid_search(bench: Bench, method: str, settings: tuple, lrs: list[float], seeds: int, factor: float,
                  max_extend: int, clock: Clock) -> tuple[float | None, dict[float, list[dict]]]:
     """Validation NLL per rate (extending past a winning edge); returns (chosen rate or None, records)."""
@@ -168,7 +102,7 @@ def _bench(args):
     validation = sft_rows("validation", per_task=args.val_per_task)
     test = sft_rows("test", per_task=args.test_per_task)
     if args.smoke:
-        from common import tiny_llama, tiny_tokenizer
+        from benchmarks.common import tiny_llama, tiny_tokenizer
 
         train = sft_dataset("train").select(range(24))
         texts = [m["content"] for row in train.to_list() + validation + test for m in row["prompt"] + row["completion"]]
@@ -199,7 +133,7 @@ def run(args, partial=None) -> dict:
         args.val_per_task, args.test_per_task, args.ablation_span, args.exploration_dir = 2, 2, 0, scratch
         args.ablations = args.ablations if args.ablations != "all" else "router=static,selection=random,k=8, r=4"
     bench, min_d_out = _bench(args)
-    clock = Clock(args.quality_minutes)
+    clock = Clock(None if args.quality_minutes is None else 60 * args.quality_minutes)
     grid = sorted(float(v) for v in args.grid.split(","))
     factor = grid[1] / grid[0] if len(grid) > 1 else 2.0
     data = dict(setup=bench.setup, grid=grid, exploration=_exploration(args.exploration_dir),
@@ -232,7 +166,6 @@ def run(args, partial=None) -> dict:
         data["ablations"][name] = entry
         if partial:
             partial(data)
-    import diagnose
     from idlora_trl.data import sft_rows
 
     if not args.no_diagnosis:  # minutes, whatever the clock says: it explains the runs that exist
@@ -257,13 +190,8 @@ def run(args, partial=None) -> dict:
 
 def _exploration(folder: str) -> list[dict]:
     import glob
-    import json
 
-    out = []
-    for path in sorted(glob.glob(os.path.join(folder, "*-lr*-s*.json"))):
-        with open(path, encoding="utf-8") as handle:
-            out.append(json.load(handle))
-    return out
+    return [read_json(path) for path in sorted(glob.glob(os.path.join(folder, "*-lr*-s*.json")))]
 
 
 def _rejoin(names: list[str], wanted: dict) -> list[str]:
@@ -275,11 +203,5 @@ def _rejoin(names: list[str], wanted: dict) -> list[str]:
             out.append(pending)
             pending = ""
         elif not any(w.startswith(pending) for w in wanted):
-            raise SystemExit(f"run.py: unknown ablation {pending!r}; choose from {list(wanted)}")
+            raise SystemExit(f"benchmarks: unknown ablation {pending!r}; choose from {list(wanted)}")
     return out
-
-
-def render(data: dict, ctx) -> tuple[str, list]:
-    from quality_report import render as render_quality
-
-    return render_quality(data, ctx)

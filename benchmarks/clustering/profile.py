@@ -1,5 +1,5 @@
 """Part of section 2: where our clustering time goes (k-means++ seeding, distances, the constrained assignment,
-centroid means), from one instrumented `select_rows` run per matrix, and its table.
+centroid means), from one instrumented `select_rows` run per matrix (its table: `report.render_profile`).
 """
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from common import fmt_s, table, timed
+from benchmarks.common import timed
 
 
 # ------------------------------------------------------------------------------------------- profiling
@@ -77,43 +77,3 @@ def profile_kmeans(w: torch.Tensor, k: int, r: int, seed: int) -> dict:
     # Centroid updates and bookkeeping: the Lloyd loop's time outside the distance matmuls and assignments.
     acc["means"] = max(0.0, acc.pop("lloyd") - acc["distances"] - acc["assignment"])
     return acc
-
-
-def _shares(p: dict) -> list[tuple[str, float]]:
-    shares = {"k-means++ seeding": p["init"], "distance matmuls": p["distances"], "centroid means": p["means"],
-              "exact per-point distances (restart inertia, row picking)": p["inertia"],
-              "constrained assignment": p["assignment"]}
-    return sorted(((name, value / p["total"]) for name, value in shares.items()), key=lambda kv: -kv[1])
-
-
-def top_shares(data: dict, name: str) -> str:
-    row = next(r for r in data["rows"] if r["name"] == name)
-    return ", ".join(f"{label} {100 * share:.0f}%" for label, share in _shares(row["profile"])[:3])
-
-
-def render_profile(rows: list) -> str:
-    body = []
-    for row in rows:
-        p = row["profile"]
-        total = p["total"]
-        lloyd = p["distances"] + p["assignment"]
-        other = total - p["init"] - lloyd - p["means"] - p["inertia"]
-        shares = [f"{100 * x / total:.0f}%" for x in (p["init"], p["distances"], p["assignment"], p["means"],
-                                                        p["inertia"], other)]
-        body.append([row["name"], fmt_s(total), *shares, f"{p['lloyd_iterations'] / 10:.1f}",  # 10 restarts
-                     f"{p['constrained_assignments']} / {p['repairs']}"])
-    text = ["**Where our clustering time goes** (one instrumented `select_rows` run per matrix; the library's "
-            "helpers are wrapped with timers, so the shares are approximate)", "",
-            table(["matrix", "total, s", "k-means++ init", "distance matmuls", "constrained assignment",
-                   "centroid means", "inertia + row picking", "other", "Lloyd iterations per restart",
-                   "Lloyd assignments where the size constraint binds / shortest-path repairs"], body), ""]
-    if body:
-        big = max(rows, key=lambda r: r["profile"]["total"])
-        top = ", ".join(f"{name} {100 * share:.0f}%" for name, share in _shares(big["profile"])[:3])
-        text += [f"On the largest profiled matrix ({big['name']}): {top} of the time. Every Lloyd round is one "
-            "distance matmul against the centroids of every restart still moving (at most 10 k columns, so "
-            "memory-bound) and one batched assignment of those restarts; means are updated from the points that "
-            "moved. The seeding scores every restart's candidates in one batched assignment per centre. On small "
-            "matrices the batched price rounds and the shortest-path repairs (Python) dominate.", ""]
-    return "\n".join(text)
-

@@ -1,13 +1,14 @@
 """The benchmark suite of idlora-trl: writes docs/BENCHMARKS.md (tables, PNG plots) and prints the tables.
 
-Run by hand (the full suite takes about an hour on 2 cores; see docs/BENCHMARKS.md for each section's time):
+Run by hand from the repository root (the full suite takes about an hour on 2 cores; see docs/BENCHMARKS.md for
+each section's time):
 
-    python benchmarks/run.py                                   # everything, writes docs/BENCHMARKS.md
-    python benchmarks/run.py --only params,clustering          # some sections; the others are "not run"...
-    python benchmarks/run.py --only training --from-json       # ...or taken from their earlier JSON
-    python benchmarks/run.py --from-json                       # rebuild the doc from docs/benchmarks/*.json
-    python benchmarks/run.py --smoke --out /tmp/bench/B.md     # every section at toy sizes, seconds (CI)
-    python benchmarks/run.py --gpu-check --out D/gpu_check.md  # GPU: CUDA tests, clustering, bf16 ratios (<8 min)
+    python -m benchmarks                                   # everything, writes docs/BENCHMARKS.md
+    python -m benchmarks --only params,clustering          # some sections; the others are "not run"...
+    python -m benchmarks --only training --from-json       # ...or taken from their earlier JSON
+    python -m benchmarks --from-json                       # rebuild the doc from docs/benchmarks/*.json
+    python -m benchmarks --smoke --out /tmp/bench/B.md     # every section at toy sizes, seconds (CI)
+    python -m benchmarks --gpu-check --out D/gpu_check.md  # GPU: CUDA tests, clustering, bf16 ratios (<8 min)
 
 Sections: params (trainable parameters, meta device), clustering (ours against k-means-constrained), training
 (step/forward time and memory against PEFT LoRA and DoRA), quality (held-out accuracy, seeds, ablations),
@@ -20,11 +21,13 @@ the doc's numbers come only from those measurements. Torch and BLAS threads are 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import os
 import sys
 import time
 import traceback
+
+COMMAND = "python -m benchmarks"
 
 
 def _early_threads(argv: list[str]) -> str:
@@ -37,16 +40,18 @@ def _early_threads(argv: list[str]) -> str:
     return "2"
 
 
-def parser() -> argparse.ArgumentParser:
-    import clustering
-    import gpu_check
-    import inference
-    import overhead
-    import params
-    import quality
-    import training
+def section_modules() -> dict:
+    """Section name -> its package (`add_arguments` and `run` from its measure.py, `render` from its report.py);
+    imported only once the thread variables are set."""
+    from benchmarks import common
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    return {name: importlib.import_module(f"benchmarks.{name}") for name in common.SECTIONS}
+
+
+def parser() -> argparse.ArgumentParser:
+    from benchmarks import gpu_check
+
+    ap = argparse.ArgumentParser(prog=COMMAND, description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n".join(__doc__.splitlines()[2:]))
     ap.add_argument("--smoke", action="store_true", help="every section at toy sizes, in seconds (what CI runs)")
@@ -58,7 +63,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (and OMP/BLAS threads)")
     ap.add_argument("--seed", type=int, default=0, help="clustering seed")
     ap.add_argument("--no-plots", action="store_true", help="write no PNG plots")
-    for module in (params, clustering, training, quality, overhead, inference, gpu_check):
+    for module in (*section_modules().values(), gpu_check):
         module.add_arguments(ap)
     return ap
 
@@ -88,16 +93,8 @@ def _json_path(json_dir: str, name: str) -> str:
     return os.path.join(json_dir, f"{name}.json")
 
 
-def _write_json(path: str, data: dict) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    staging = f"{path}.tmp"
-    with open(staging, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=1, default=str)
-    os.replace(staging, path)
-
-
 GPU_CHECK_NOTE = (
-    "**GPU check.** When a GPU is lent, `python benchmarks/run.py --gpu-check --out DIR/gpu_check.md` runs, in "
+    f"**GPU check.** When a GPU is lent, `{COMMAND} --gpu-check --out DIR/gpu_check.md` runs, in "
     "under 8 minutes on one H100/H200: the tests marked `cuda` (`pytest -m cuda`); the clustering of "
     "Llama-3-8B-shaped matrices (k=4, r=64, random bf16 weights made on the GPU: one matrix of each distinct shape "
     "timed and extrapolated to the model's 224, then all 224 timed one by one when the estimate fits the time "
@@ -113,16 +110,10 @@ TITLES = {"params": "1. Trainable parameters", "clustering": "2. Clustering cost
           "overhead": "5. CPU overhead of the command", "inference": "6. Inference speed"}
 
 
-def render_doc(data: dict, errors: dict, command: str, ctx: Context, common) -> str:
-    import clustering
-    import inference
-    import overhead
-    import params
-    import quality
-    import training
+def render_doc(data: dict, errors: dict, command: str, ctx: Context) -> str:
+    from benchmarks import common
 
-    modules = {"params": params, "clustering": clustering, "training": training, "quality": quality,
-               "overhead": overhead, "inference": inference}
+    modules = section_modules()
     sections, targets = [], []
     for name in common.SECTIONS:
         sections += [f"## {TITLES[name]}", ""]
@@ -141,7 +132,7 @@ def render_doc(data: dict, errors: dict, command: str, ctx: Context, common) -> 
         targets += section_targets
     head = ["# Benchmarks", "",
             f"Generated by `{command}`. Every number comes from the measurements stored in "
-            f"`{ctx.plot_rel}/*.json` next to this file (`python benchmarks/run.py --from-json` rebuilds the doc "
+            f"`{ctx.plot_rel}/*.json` next to this file (`{COMMAND} --from-json` rebuilds the doc "
             "without measuring); do not edit by hand. Comparisons run side by side in one process, interleaved, "
             "and are quoted as medians and ratios.", "", GPU_CHECK_NOTE, ""]
     smoke = [name for name in common.SECTIONS if (data.get(name) or {}).get("smoke")]
@@ -166,31 +157,27 @@ def main(argv: list[str] | None = None) -> int:
     threads = _early_threads(argv)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = threads
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import common
-    import gpu_check
+    from benchmarks import common, gpu_check
 
     if gpu_check.skipped_without_cuda(argv):
         return 0
     common.quiet()
     args = parser().parse_args(argv)
     common.set_threads(args.threads)
-    if args.gpu_check:  # its own run and output (benchmarks/gpu_check.py): the doc is left alone
-        return gpu_check.main(args, common)
+    if args.gpu_check:  # its own run and output (benchmarks/gpu_check/): the doc is left alone
+        return gpu_check.main(args)
     if args.out is None:
         args.out = (os.path.join(os.environ.get("TMPDIR", "/tmp"), "idlora-bench-smoke", "BENCHMARKS.md")
-                    if args.smoke else os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                                    "docs", "BENCHMARKS.md"))
+                    if args.smoke else os.path.join(common.ROOT, "docs", "BENCHMARKS.md"))
     only = [s.strip() for s in args.only.split(",")] if args.only else None
     unknown = [s for s in only or [] if s not in common.SECTIONS]
     if unknown:
-        print(f"run.py: unknown section(s) {unknown}; choose from {', '.join(common.SECTIONS)}", file=sys.stderr)
+        print(f"benchmarks: unknown section(s) {unknown}; choose from {', '.join(common.SECTIONS)}", file=sys.stderr)
         return 2
     measure = only if only is not None else ([] if args.from_json else list(common.SECTIONS))
     doc_dir = os.path.dirname(os.path.abspath(args.out))
     json_dir = os.path.join(doc_dir, "benchmarks")
-    import importlib
-
+    modules = section_modules()
     data, errors = {}, {}
     for name in common.SECTIONS:
         path = _json_path(json_dir, name)
@@ -198,28 +185,25 @@ def main(argv: list[str] | None = None) -> int:
             common.log(f"section {name}: measuring")
             info = common.machine_info()
             start = time.perf_counter()
-            module = importlib.import_module(name)
             try:
-                kwargs = {"partial": lambda d, p=path, i=info: _write_json(p, dict(d, machine=i, partial=True,
-                                                                                   smoke=args.smoke))} \
+                kwargs = {"partial": lambda d, p=path, i=info: common.write_json(p, dict(d, machine=i, partial=True,
+                                                                                         smoke=args.smoke))} \
                     if name == "quality" else {}
-                section = module.run(args, **kwargs)
+                section = modules[name].run(args, **kwargs)
             except Exception as error:  # report it, keep the other sections
                 traceback.print_exc()
                 errors[name] = f"{type(error).__name__}: {error}".splitlines()[0]
                 if args.from_json and os.path.isfile(path):
-                    with open(path, encoding="utf-8") as handle:
-                        data[name] = json.load(handle)
+                    data[name] = common.read_json(path)
                 continue
             section.update(machine=info, smoke=args.smoke, wall_s=time.perf_counter() - start)
-            _write_json(path, section)
+            common.write_json(path, section)
             data[name] = section
         elif args.from_json and os.path.isfile(path):
-            with open(path, encoding="utf-8") as handle:
-                data[name] = json.load(handle)
+            data[name] = common.read_json(path)
     ctx = Context(None if args.no_plots else json_dir, "benchmarks", data)
-    command = "python benchmarks/run.py " + " ".join(argv) if argv else "python benchmarks/run.py"
-    doc = render_doc(data, errors, command, ctx, common)
+    command = f"{COMMAND} " + " ".join(argv) if argv else COMMAND
+    doc = render_doc(data, errors, command, ctx)
     os.makedirs(doc_dir, exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as handle:
         handle.write(doc)
@@ -227,6 +211,3 @@ def main(argv: list[str] | None = None) -> int:
     common.log(f"wrote {args.out} (raw results and plots in {json_dir})")
     return 1 if errors else 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,13 +1,12 @@
-"""The quality section of docs/BENCHMARKS.md, rendered from `quality.run`'s data alone (`--from-json`)."""
+"""Section 4's tables, from `measure.run`'s data alone (`--from-json`): the methods at their chosen rates, the grid,
+the ablations, the paper's claim and the reviewers' questions with 95% intervals, and the diagnosis."""
 from __future__ import annotations
 
 import math
 
-from common import pyplot, save_plot, table
-from quality import acc, ci95, mean, nll, stdev
-
-T975_WELCH = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 8: 2.306, 10: 2.228, 15: 2.131,
-              20: 2.086, 30: 2.042}
+from benchmarks.common import pyplot, save_plot, table
+from benchmarks.quality.runs import acc, nll
+from benchmarks.stats import ci95, mean, welch
 
 
 def _cell(values: list[float], digits: int = 3) -> str:
@@ -15,19 +14,6 @@ def _cell(values: list[float], digits: int = 3) -> str:
         return "-"
     text = f"{mean(values):.{digits}f}"
     return text + (f" ± {ci95(values):.{digits}f}" if len(values) > 1 else "")
-
-
-def _diff(a: list[float], b: list[float]) -> tuple[float, float]:
-    """Mean of a minus mean of b and the half-width of Welch's 95% interval of that difference."""
-    d = mean(a) - mean(b)
-    if len(a) < 2 or len(b) < 2:
-        return d, float("nan")
-    va, vb = stdev(a) ** 2 / len(a), stdev(b) ** 2 / len(b)
-    if va + vb == 0:
-        return d, 0.0
-    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
-    t = T975_WELCH[max(k for k in T975_WELCH if k <= max(1, int(df)))]
-    return d, t * math.sqrt(va + vb)
 
 
 def verdict(a: list[dict], b: list[dict], metric, higher_is_better: bool = True) -> str:
@@ -43,7 +29,7 @@ def verdict(a: list[dict], b: list[dict], metric, higher_is_better: bool = True)
         diffs = [by_seed_a[s] - by_seed_b[s] for s in common]
         d, half, how = mean(diffs), ci95(diffs), f"paired, n={len(common)}"
     else:
-        (d, half), how = _diff(list(by_seed_a.values()), list(by_seed_b.values())), "Welch"
+        (d, half), how = welch(list(by_seed_a.values()), list(by_seed_b.values())), "Welch"
     if math.isnan(half):
         return f"{d:+.3f} (too few seeds for an interval)"
     if abs(d) <= half:
@@ -126,9 +112,7 @@ def render(data: dict, ctx) -> tuple[str, list]:
     out += _questions(data)
     out += _exploration(data)
     if data.get("diagnosis"):
-        import diagnose
-
-        out += ["### Diagnosis", ""] + diagnose.render(data["diagnosis"])
+        out += ["### Diagnosis", ""] + diagnosis(data["diagnosis"])
     return "\n".join(out), []
 
 
@@ -217,3 +201,33 @@ def _exploration(data: dict) -> list[str]:
     return ["**At the main job's size** (60 steps of 8 rows, seed 0 only, validation answer NLL; "
             "`docs/benchmarks/exploration/`): do the rates chosen above carry over to the main job?", "",
             table(["run", "lr", "steps x batch", *tasks, "mean"], rows, "lll" + "r" * (len(tasks) + 1)), ""]
+
+
+def diagnosis(data: dict) -> list[str]:
+    """The tables of `diagnose.run`'s data."""
+    out = ["**Skeleton conditioning** (median over layers; rows: the `k r` selected rows of `W`; x: the gathered "
+           f"activations on {data['rows']} training rows' tokens)", "",
+           table(["module", "selection", "rows: condition number", "rows: effective rank", "x: condition number",
+                  "x: effective rank"],
+                 [[c["module"], c["selection"], f"{c['rows_cond']:.1f}", f"{c['rows_erank']:.1f}",
+                   f"{c['x_cond']:.0f}", f"{c['x_erank']:.1f}"] for c in data["conditioning"]], "llrrrr"), ""]
+    out += ["**Router at initialisation** (`B = 0`; rms over tokens and entries, median over layers; |alpha| "
+            "quantiles over every token of the module type)", "",
+            table(["variant", "module", "rms(x)", "rms(s v)", "median abs(alpha)", "p99 abs(alpha)",
+                   "max abs(grad T)", "max abs(grad B)"],
+                  [[r["variant"], r["module"], f"{r['x_rms']:.3f}", f"{r['v_rms']:.3f}", f"{r['alpha_median']:.4f}",
+                    f"{r['alpha_p99']:.4f}", f"{r['max_T_grad']:.1e}", f"{r['max_B_grad']:.1e}"]
+                   for r in data["router"]], "llrrrrrr"), ""]
+    out += [f"**Update size after one AdamW step** (lr {data['lr']:g}): rms(delta y) / rms(y) per module, median "
+            "and largest over layers", "",
+            table(["method", "module", "median", "max"],
+                  [[u["method"], u["module"], f"{u['median']:.5f}", f"{u['max']:.5f}"] for u in data["update"]],
+                  "llrr"), ""]
+    if data.get("trained"):
+        out += ["**Update size at the end of training** (the seed-0 adapter of each method, and of each ablation "
+                "that changes the router, at its own chosen rate): "
+                "rms(delta y) / rms(y) per module, median and largest over layers", "",
+                table(["method", "module", "median", "max"],
+                      [[u["method"], u["module"], f"{u['median']:.4f}", f"{u['max']:.4f}"] for u in data["trained"]],
+                      "llrr"), ""]
+    return out

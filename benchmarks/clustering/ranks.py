@@ -1,29 +1,26 @@
 """Part of section 2: the SmolLM2-135M decomposition on 1 and 2 ranks (issue #12 item 3).
 
 `tests/distributed/measure_decomposition.py` does each run (under `torchrun`); this module launches the runs,
-interleaved, and explains a missed target from the per-rank times they record.
+interleaved (`report.ranks_why` explains a missed target from the per-rank times they record).
 """
 from __future__ import annotations
 
 import os
 import sys
 
-from common import log
-
-RANKS_TARGET = 0.55  # 2 ranks / 1 rank, decomposition wall time
+from benchmarks.common import ROOT, log, read_json
 
 
 def measure(args, smollm2_weights) -> dict | None:
     """Decomposition of SmolLM2-135M (all-linear) under ZeRO-3 from `from_pretrained`, with 1 and 2 ranks
     (`torchrun`, one thread per rank, gloo), interleaved; `tests/distributed/measure_decomposition.py` does the
     run and reports the core's own decomposition time (the distributed tests check that the ranks agree)."""
-    import json
     import subprocess
     import tempfile
 
     if args.smoke or args.no_smollm2 or args.rank_repeats <= 0 or not smollm2_weights():
         return None
-    script = os.path.join(os.path.dirname(__file__), "..", "tests", "distributed", "measure_decomposition.py")
+    script = os.path.join(ROOT, "tests", "distributed", "measure_decomposition.py")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     times: dict[int, list[float]] = {1: [], 2: []}
     detail: dict[int, list[list[dict]]] = {1: [], 2: []}  # per run, per rank: where the time went
@@ -32,25 +29,10 @@ def measure(args, smollm2_weights) -> dict | None:
             with tempfile.TemporaryDirectory() as out:
                 subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
                                 script, out, "--zero3"], check=True, env=env, capture_output=True)
-                ranks = [json.load(open(os.path.join(out, f"rank{i}.json"))) for i in range(world)]
+                ranks = [read_json(os.path.join(out, f"rank{i}.json")) for i in range(world)]
             times[world].append(max(r["decomposition_s"] for r in ranks))
             detail[world].append([{key: r[key] for key in ("decomposition_s", "select_rows_s", "select_rows_cpu_s")}
                                   for r in ranks])
             log(f"clustering: SmolLM2 decomposition on {world} rank(s): {times[world][-1]:.1f} s")
     return {"one_rank_s": times[1], "two_ranks_s": times[2], "threads_per_rank": 1,
             "one_rank_detail": detail[1], "two_ranks_detail": detail[2]}
-
-
-def why(ranks: dict) -> str:
-    """Where the 2-rank time goes (median run): clustering per rank (wall and CPU) and the rest (gathers, sync)."""
-    if not ranks.get("two_ranks_detail"):
-        return ("no per-rank breakdown in this run (recorded from the next run on); measured by hand: "
-                "integrations/deepspeed/README.md, cost of the decomposition")
-    runs = sorted(ranks["two_ranks_detail"], key=lambda run: max(r["decomposition_s"] for r in run))
-    run = runs[len(runs) // 2]
-    total = max(r["decomposition_s"] for r in run)
-    wall = " / ".join(f"{r['select_rows_s']:.1f}" for r in run)
-    cpu = " / ".join(f"{r['select_rows_cpu_s']:.1f}" for r in run)
-    rest = total - max(r["select_rows_s"] for r in run)
-    return (f"median 2-rank run {total:.1f} s: clustering wall {wall} s, CPU {cpu} s per rank; gathers, copies "
-            f"and sync {rest:.1f} s")

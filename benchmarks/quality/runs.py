@@ -25,6 +25,9 @@ from typing import Optional
 
 import torch
 
+from benchmarks.common import read_json, write_json
+from benchmarks.stats import mean
+
 METHODS = ("LoRA", "DoRA", "VeRA", "ID-LoRA")
 
 
@@ -88,16 +91,12 @@ class Bench:
 
     def load(self, spec: Spec) -> Optional[dict]:
         try:
-            with open(self.path(spec), encoding="utf-8") as handle:
-                return json.load(handle)
+            return read_json(self.path(spec))
         except FileNotFoundError:
             return None
 
     def _save(self, spec: Spec, record: dict) -> None:
-        tmp = self.path(spec) + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(record, handle, indent=1)
-        os.replace(tmp, self.path(spec))  # a killed run never leaves half a file
+        write_json(self.path(spec), record)  # a killed run never leaves half a file
 
     # ------------------------------------------------------------------ runs
     def run(self, spec: Spec, score_test: bool = False) -> dict:
@@ -183,6 +182,12 @@ class Bench:
         return result
 
 
-def mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values) if values else float("nan")
+def acc(record: dict, task: str | None = None) -> float:
+    """A run's test accuracy on `task`, or the mean over tasks."""
+    scores = record["test"]["accuracy"]
+    return scores[task][0] / scores[task][1] if task else mean(c / t for c, t in scores.values())
+
+
+def nll(record: dict, split: str = "test") -> float:
+    """A run's answer NLL on `split`, mean over tasks."""
+    return mean(record[split]["nll"].values())

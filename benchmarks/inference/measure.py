@@ -1,26 +1,15 @@
-"""Section 6: inference speed: prefill, decoding with the KV cache, and the forward at a few tokens.
-
-Models, all from the same base weights (SmolLM2-135M-Instruct, fp32, the main job's targets q,k,v,gate,up): the
-base; PEFT LoRA r=p unmerged and merged; ID-LoRA r=4p with the token router (the default, not mergeable); ID-LoRA
-r=4p with the static router, merged. Adapters start away from zero (random B), as after training. Each round runs
-every model in turn (interleaved), eager, then compiled (`torch.compile`, inductor) for the base, unmerged LoRA and
-ID-LoRA; a merged model is a plain base model, so its compiled graph is the base's:
-- prefill: one forward of `--prefill` tokens at batch 1, filling the KV cache (tokens/s);
-- decode: after an untimed prefill of a 32-token prompt, `--decode` greedy steps of one token per sequence with the
-  cache, at batch 1 and 8 (tokens/s: batch x steps / time);
-- small forward: one forward of 4 tokens without the cache (the per-call cost, seconds).
-Ratios are medians of the per-round ratios (ID-LoRA / LoRA rounds ran side by side).
-"""
+"""Section 6's measurement: every model in turn (interleaved), eager then compiled: prefill, decode with the KV
+cache at batch 1 and 8, and a 4-token forward."""
 from __future__ import annotations
 
 import copy
+import os
 import time
 
 import torch
 
-from common import fmt_s, log, median, sync, table, target
+from benchmarks.common import STORED, log, read_json, sync
 
-DECODE_TARGET, SMALL_TARGET = 0.98, 1.05  # issue #22: decode >= 0.98x unmerged LoRA's tokens/s, 1-4 tokens <= 1.05x
 COMPILED = ("base", "LoRA", "ID-LoRA")
 
 
@@ -35,7 +24,8 @@ def add_arguments(parser) -> None:
                             "(with the date it was measured)")
 
 
-def _models(base, p: int, seed: int, names=("base", "LoRA", "LoRA merged", "ID-LoRA", "ID-LoRA static merged")):
+def build_models(base, p: int, seed: int,
+                 names=("base", "LoRA", "LoRA merged", "ID-LoRA", "ID-LoRA static merged")):
     from peft import LoraConfig, get_peft_model
 
     from idlora_trl import IDLoRAConfig
@@ -81,7 +71,7 @@ def _forward_seconds(model, ids: torch.Tensor, use_cache: bool) -> float:
     return time.perf_counter() - start
 
 
-def _measure(models: dict, args, vocab: int, prefill: int, decode: int, device: str = "cpu") -> dict:
+def time_models(models: dict, args, vocab: int, prefill: int, decode: int, device: str = "cpu") -> dict:
     gen = torch.Generator().manual_seed(0)
     prompts = {b: torch.randint(0, vocab, (b, 32), generator=gen).to(device) for b in (1, 8)}
     long_ids = torch.randint(0, vocab, (1, prefill), generator=gen).to(device)
@@ -104,7 +94,7 @@ def _measure(models: dict, args, vocab: int, prefill: int, decode: int, device: 
 def run(args) -> dict:
     torch.manual_seed(0)
     if args.smoke:
-        from common import tiny_llama
+        from benchmarks.common import tiny_llama
 
         base, label, p, prefill, decode, rounds = tiny_llama(), "tiny Llama (smoke)", 2, 32, 4, 1
     else:
@@ -114,18 +104,12 @@ def run(args) -> dict:
         prefill, decode, rounds = args.prefill, args.decode, args.inference_rounds
     saved, args.inference_rounds = args.inference_rounds, rounds
     base.requires_grad_(False)
-    models = _models(base, p, args.seed)
+    models = build_models(base, p, args.seed)
     log(f"inference: {label}, eager")
     data = {"model": label, "p": p, "prefill": prefill, "decode": decode, "rounds": rounds,
-            "eager": _measure(models, args, base.config.vocab_size, prefill, decode)}
+            "eager": time_models(models, args, base.config.vocab_size, prefill, decode)}
     if args.inference_eager_only:
-        import json
-        import os
-
-        stored = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "benchmarks",
-                              "inference.json")
-        with open(stored, encoding="utf-8") as handle:
-            old = json.load(handle)
+        old = read_json(os.path.join(STORED, "inference.json"))
         data.update({key: old[key] for key in ("compiled", "graph_breaks", "backend") if key in old},
                     compiled_measured=old.get("compiled_measured") or old["machine"]["date"])
     elif not args.no_compile:
@@ -139,7 +123,7 @@ def run(args) -> dict:
         dynamo.config.recompile_limit = 64
         dynamo.config.accumulated_recompile_limit = 1024
         compiled = {name: torch.compile(models[name], backend=backend) for name in COMPILED}
-        data["compiled"] = _measure(compiled, args, base.config.vocab_size, prefill, decode)
+        data["compiled"] = time_models(compiled, args, base.config.vocab_size, prefill, decode)
         counts = {}
         for name in COMPILED:
             dynamo.reset()
@@ -150,47 +134,3 @@ def run(args) -> dict:
         dynamo.reset()
     args.inference_rounds = saved
     return data
-
-
-# -------------------------------------------------------------------------------------------- render
-def _paired(times: dict, key: str, a: str, b: str) -> float:
-    """Median over rounds of time(a) / time(b): rounds ran side by side."""
-    return median(x / y for x, y in zip(times[key][a], times[key][b]))
-
-
-def _rate(times: dict, key: str, name: str, tokens: int) -> str:
-    return f"{tokens / median(times[key][name]):.1f}"
-
-
-def render(data: dict, ctx) -> tuple[str, list]:
-    prefill, decode = data["prefill"], data["decode"]
-    rows, targets = [], []
-    for mode in ("eager", "compiled"):
-        times = data.get(mode)
-        if times is None:
-            continue
-        for name in times["prefill_s"]:
-            rows.append([name, mode, _rate(times, "prefill_s", name, prefill),
-                         _rate(times, "decode1_s", name, decode), _rate(times, "decode8_s", name, 8 * decode),
-                         fmt_s(median(times["small_s"][name]))])
-        for key, label in (("decode1_s", "batch 1"), ("decode8_s", "batch 8")):
-            ratio = 1 / _paired(times, key, "ID-LoRA", "LoRA")  # tokens/s ratio
-            targets.append(target(f"Decode tokens/s of ID-LoRA / unmerged LoRA, {label}, {mode}",
-                                  f">= {DECODE_TARGET:.2f}x", f"{ratio:.3f}x", ratio >= DECODE_TARGET))
-        ratio = _paired(times, "small_s", "ID-LoRA", "LoRA")
-        targets.append(target(f"Forward at 4 tokens, ID-LoRA / LoRA, {mode}", f"<= {SMALL_TARGET:.2f}x",
-                              f"{ratio:.3f}x", ratio <= SMALL_TARGET))
-    lines = [
-        f"{data['model']}, fp32, LoRA r={data['p']} against ID-LoRA r={4 * data['p']} (k=4, rank boost 2) on q,k,v,"
-        f"gate,up; {data['rounds']} interleaved rounds after two warm-up runs each. Prefill: {prefill} tokens at "
-        f"batch 1. Decode: {decode} greedy steps after a 32-token prompt, with the KV cache. Tokens/s are medians; "
-        "the targets' ratios are medians of per-round ratios.", "",
-        table(["model", "mode", "prefill tokens/s", "decode tokens/s, batch 1", "decode tokens/s, batch 8",
-               "forward at 4 tokens (s)"], rows, "llrrrr")]
-    if data.get("compiled_measured"):
-        lines += ["", f"(The eager rows were measured on {data['machine']['date']}, the compiled ones on "
-                      f"{data['compiled_measured']}.)"]
-    if "graph_breaks" in data:
-        breaks = ", ".join(f"{name} {count}" for name, count in data["graph_breaks"].items())
-        lines += ["", f"Graph breaks (`torch._dynamo.explain`, forward of 4 tokens): {breaks}."]
-    return "\n".join(lines), targets

@@ -120,7 +120,7 @@ def render(data: dict, ctx) -> tuple[str, list]:
         out += ["**Decomposition on 2 ranks** (SmolLM2-135M-Instruct, all-linear, r=32, k=4, DeepSpeed ZeRO-3 from "
                 "`from_pretrained` (weights partitioned, each gathered while it is copied), `torchrun`, gloo, "
                 f"{by_rank['threads_per_rank']} thread per rank, runs interleaved; the core's own decomposition "
-                "time, slowest rank; `tests/distributed/measure_decomposition.py`)", "",
+                "time, slowest rank; `benchmarks/clustering/measure_decomposition.py`)", "",
                 table(["ranks", "runs, s", "median, s", "/ one rank"],
                       [["1", ", ".join(f"{t:.1f}" for t in by_rank["one_rank_s"]), f"{one:.1f}", "1.00x"],
                        ["2", ", ".join(f"{t:.1f}" for t in by_rank["two_ranks_s"]), f"{two:.1f}",

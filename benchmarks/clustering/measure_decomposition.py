@@ -1,9 +1,11 @@
 """Decomposition time and memory per rank, with 1 or N ranks (a measurement, not a test).
 
-    python tests/distributed/measure_decomposition.py OUT_DIR                      # 1 process, plain
-    torchrun --nproc_per_node 2 tests/distributed/measure_decomposition.py OUT_DIR  # plain DDP, 2 ranks
-    torchrun --nproc_per_node 2 tests/distributed/measure_decomposition.py OUT_DIR --zero3
-    torchrun --nproc_per_node 1 tests/distributed/measure_decomposition.py OUT_DIR --zero3
+    python -m benchmarks.clustering.measure_decomposition OUT_DIR                         # 1 process, plain
+    torchrun --nproc_per_node 2 -m benchmarks.clustering.measure_decomposition OUT_DIR  # plain DDP, 2 ranks
+    torchrun --nproc_per_node 2 -m benchmarks.clustering.measure_decomposition OUT_DIR --zero3
+    torchrun --nproc_per_node 1 -m benchmarks.clustering.measure_decomposition OUT_DIR --zero3
+
+(from the repository root; `benchmarks/clustering/ranks.py` launches the last two for the clustering section.)
 
 Model: the embedded SmolLM2-135M-Instruct (`--model smollm2`, default; 210 linear modules with all-linear), or
 any checkpoint path. Under `--zero3` it is loaded by `from_pretrained` inside `zero.Init` (partitioned), and the
@@ -31,7 +33,8 @@ import threading
 import time
 from pathlib import Path
 
-from common import CPU_CONFIG, WeightContextProbe, hookimpl, shutdown, write_json
+from benchmarks.common import write_json
+from benchmarks.distributed import CPU_CONFIG, WeightContextProbe, hookimpl, init_deepspeed, shutdown
 
 
 def rss_mb() -> float:
@@ -99,8 +102,6 @@ def main() -> None:
 
     distributed = "RANK" in os.environ
     if args.zero3:
-        from common import init_deepspeed
-
         init_deepspeed()
     elif distributed:
         dist.init_process_group("gloo")
@@ -159,7 +160,7 @@ def main() -> None:
     largest = max(r["nbytes"] for r in probe.records)
     trace = timings.rss_after_module
     quartiles = [round(trace[max(0, int(len(trace) * q) - 1)], 1) for q in (0.1, 0.25, 0.5, 0.75, 1.0)]
-    write_json(out / f"rank{rank}.json", {
+    write_json(str(out / f"rank{rank}.json"), {
         "rank": rank, "world": world, "zero3": args.zero3, "model": path, "torch_threads": torch.get_num_threads(),
         "load_s": load_s, "get_peft_model_s": wall, "decomposition_s": timings.report.get("decomposition_s"),
         "modules": timings.report.get("modules"), "modules_clustered": len(timings.modules),

@@ -1,5 +1,6 @@
 """The core's import graph: no cycle (imports inside functions included), `decomposition.py` at the bottom,
-integrations above the core and never imported by it; and an `IDLoRAConfig` never starts the plugin manager."""
+integrations above the core and never imported by it; and an `IDLoRAConfig` never starts the plugin manager.
+The benchmark suite's graph too: no cycle in `benchmarks/`, and the library never imports it."""
 
 import ast
 import os
@@ -7,17 +8,23 @@ import subprocess
 import sys
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "idlora_trl"
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "idlora_trl"
+BENCHMARKS = ROOT / "benchmarks"
 
 
-def module_name(path: Path) -> str:
-    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+def module_name(path: Path, package: Path = PACKAGE, name: str | None = None) -> str:
+    """The dotted name of `path` in `package` (whose own name is `name`, default its folder's)."""
+    parts = (name or package.name, *path.relative_to(package).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def import_graph() -> dict[str, set[str]]:
-    """Module -> the `idlora_trl` modules it imports anywhere in its body (top level, functions, try blocks)."""
-    files = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+def import_graph(*packages: tuple[Path, str]) -> dict[str, set[str]]:
+    """Module -> the modules of `packages` ((folder, dotted name) pairs; default `idlora_trl` alone) it imports
+    anywhere in its body (top level, functions, try blocks)."""
+    packages = packages or ((PACKAGE, "idlora_trl"),)
+    files = {module_name(p, folder, name): p for folder, name in packages for p in folder.rglob("*.py")}
+    roots = tuple(name for _, name in packages)
     graph = {}
     for name, path in files.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
@@ -38,7 +45,7 @@ def import_graph() -> dict[str, set[str]]:
             else:
                 continue
             for target in targets:
-                if target == "idlora_trl" or target.startswith("idlora_trl."):
+                if any(target == root or target.startswith(root + ".") for root in roots):
                     edges.add(target)
         graph[name] = edges - {name}
     return graph
@@ -92,6 +99,24 @@ def test_decomposition_is_the_bottom_and_integrations_stay_outside():
     below_layer = {"idlora_trl.config", "idlora_trl.decomposition", "idlora_trl.precision", "idlora_trl.peft_type",
                    "idlora_trl.fused", "idlora_trl.loading", "idlora_trl.variants"}
     assert graph["idlora_trl.layer"] <= below_layer
+
+
+def test_no_import_cycle_in_the_benchmarks():
+    graph = import_graph((PACKAGE, "idlora_trl"), (BENCHMARKS, "benchmarks"))
+    assert "benchmarks.clustering.gpu" in graph["benchmarks.gpu_check.measure"]  # `from benchmarks.x import y`
+    assert "benchmarks.common" in graph["benchmarks.cli"]  # imported inside main(), after the thread variables
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_library_never_imports_the_benchmarks():
+    """The benchmark suite is not in the wheel: nothing of the library (core or integrations) may import it."""
+    library = ((PACKAGE, "idlora_trl"), (ROOT / "integrations", "idlora_trl.integrations"))
+    graph = import_graph(*library, (BENCHMARKS, "benchmarks"))
+    assert any(e.startswith("benchmarks.") for e in graph["benchmarks.quality.measure"])  # the graph sees them
+    wrong = {module: sorted(e for e in edges if e == "benchmarks" or e.startswith("benchmarks."))
+             for module, edges in graph.items() if module.startswith("idlora_trl")}
+    assert not any(wrong.values()), {m: e for m, e in wrong.items() if e}
 
 
 def test_building_a_config_does_not_start_the_plugin_manager():

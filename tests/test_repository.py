@@ -27,5 +27,6 @@ def test_every_folder_of_the_package_is_listed_for_the_wheel():
             if path.is_dir() and "__pycache__" not in path.parts and any(f.is_file() for f in path.iterdir()):
                 on_disk.add(".".join([package, *path.relative_to(folder).parts]))
     assert set(setuptools["packages"]) == on_disk
+    assert not any(p == "benchmarks" or p.startswith("benchmarks.") for p in setuptools["packages"])  # not shipped
     for package, patterns in setuptools["package-data"].items():
         assert package in on_disk and patterns, package

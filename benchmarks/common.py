@@ -249,7 +249,15 @@ def save_plot(fig, plot_dir: Optional[str], name: str) -> Optional[str]:
     return name
 
 
-# ------------------------------------------------------------------------------------------ tiny models
+# ------------------------------------------------------------------------------------------------ models
+def smollm2():
+    """(model, tokenizer, name) of the embedded SmolLM2-135M-Instruct, fp32: the one place the sections load it."""
+    from idlora_trl.smollm2 import MODEL_NAME, load_smollm2
+
+    model, tokenizer = load_smollm2()
+    return model, tokenizer, MODEL_NAME
+
+
 def tiny_llama(vocab: int = 128, hidden: int = 64, layers: int = 2, seed: int = 0, **extra):
     """A small random Llama (for ``--smoke``): nothing is read from disk."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -13,7 +13,7 @@ import torch
 from benchmarks.clustering import ranks
 from benchmarks.clustering.gpu import time_llama_shapes
 from benchmarks.clustering.profile import profile_kmeans
-from benchmarks.common import STORED, interleaved, log, read_json, tiny_llama
+from benchmarks.common import STORED, interleaved, log, read_json, smollm2, tiny_llama
 from benchmarks.stats import median
 
 SMOLLM2 = {"SmolLM2 blk.0 q_proj": "blk.0.attn_q.weight", "SmolLM2 blk.0 gate_proj": "blk.0.ffn_gate.weight",
@@ -126,9 +126,7 @@ def _whole_model(args, ref_cls=None) -> dict:
         r, targets = 4, {"all-linear": "all-linear", "q,k,v,gate,up": ["q_proj", "k_proj", "v_proj", "gate_proj",
                                                                          "up_proj"]}
     else:
-        from idlora_trl.smollm2 import load_smollm2
-
-        base, label = load_smollm2()[0], "SmolLM2-135M-Instruct"
+        base, _, label = smollm2()
         r, targets = args.r, {"all-linear": "all-linear",
                               "q,k,v,gate,up": ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]}
     rows = []

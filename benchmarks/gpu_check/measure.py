@@ -40,7 +40,7 @@ def add_arguments(parser) -> None:
 
 
 def skipped_without_cuda(argv: list[str]) -> bool:
-    """For run.py, before it imports the sections (and PEFT): a `--gpu-check` on the CUDA device where torch sees
+    """For the CLI, before it imports the sections (and PEFT): a `--gpu-check` on the CUDA device where torch sees
     none prints the skip line and returns True, in a second or two."""
     import argparse
 

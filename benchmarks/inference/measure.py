@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from benchmarks.common import STORED, log, read_json, sync
+from benchmarks.common import STORED, log, read_json, smollm2, sync, tiny_llama
 
 COMPILED = ("base", "LoRA", "ID-LoRA")
 
@@ -94,13 +94,9 @@ def time_models(models: dict, args, vocab: int, prefill: int, decode: int, devic
 def run(args) -> dict:
     torch.manual_seed(0)
     if args.smoke:
-        from benchmarks.common import tiny_llama
-
         base, label, p, prefill, decode, rounds = tiny_llama(), "tiny Llama (smoke)", 2, 32, 4, 1
     else:
-        from idlora_trl.smollm2 import load_smollm2
-
-        base, label, p = load_smollm2()[0], "SmolLM2-135M-Instruct", 8
+        (base, _, label), p = smollm2(), 8
         prefill, decode, rounds = args.prefill, args.decode, args.inference_rounds
     saved, args.inference_rounds = args.inference_rounds, rounds
     base.requires_grad_(False)

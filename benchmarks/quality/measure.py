@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 
-from benchmarks.common import STORED, Clock, log, read_json
+from benchmarks.common import STORED, Clock, log, read_json, smollm2, tiny_llama, tiny_tokenizer
 from benchmarks.quality import diagnose
 from benchmarks.quality.runs import METHODS, Bench, Spec, nll
 from benchmarks.stats import mean
@@ -102,8 +102,6 @@ def _bench(args):
     validation = sft_rows("validation", per_task=args.val_per_task)
     test = sft_rows("test", per_task=args.test_per_task)
     if args.smoke:
-        from benchmarks.common import tiny_llama, tiny_tokenizer
-
         train = sft_dataset("train").select(range(24))
         texts = [m["content"] for row in train.to_list() + validation + test for m in row["prompt"] + row["completion"]]
         tokenizer = tiny_tokenizer(texts)
@@ -111,10 +109,8 @@ def _bench(args):
                           eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id)
         label = "tiny Llama (smoke)"
     else:
-        from idlora_trl.smollm2 import MODEL_NAME, load_smollm2
-
-        base, tokenizer = load_smollm2()
-        train, label = sft_dataset("train"), MODEL_NAME
+        base, tokenizer, label = smollm2()
+        train = sft_dataset("train")
     setup = dict(model=label, targets=targets, p=args.quality_p, steps=args.quality_steps, batch=args.quality_batch,
                  scheduler=SFT_DEFAULTS["lr_scheduler"], warmup=SFT_DEFAULTS["warmup_steps"],
                  max_length=SFT_DEFAULTS["max_length"], data="sft-v2", validation=len(validation), test=len(test))

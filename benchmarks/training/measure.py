@@ -8,7 +8,7 @@ import gc
 import torch
 from torch import nn
 
-from benchmarks.common import interleaved, log, tiny_llama
+from benchmarks.common import interleaved, log, smollm2, tiny_llama
 
 METHODS = ("LoRA", "DoRA", "ID-LoRA")
 TARGETS = {"q,k,v,gate,up": ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"], "all-linear": "all-linear"}
@@ -166,9 +166,7 @@ def run(args) -> dict:
     if args.smoke:
         base, label = tiny_llama(vocab=128, hidden=64, layers=2), "tiny Llama (smoke)"
     else:
-        from idlora_trl.smollm2 import load_smollm2
-
-        base, label = load_smollm2()[0], "SmolLM2-135M-Instruct"
+        base, _, label = smollm2()
     base.requires_grad_(False)
     gen = torch.Generator().manual_seed(0)
     inputs = {"input_ids": torch.randint(0, base.config.vocab_size, (batch, seq), generator=gen).to(device)}

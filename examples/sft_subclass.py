@@ -17,9 +17,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import SFTConfig
 
 from idlora_trl import IDLoRAConfig, IDLoRASFTTrainer
-from idlora_trl.data import sft_dataset
-from idlora_trl.evaluation import evaluate_accuracy, format_comparison
-from idlora_trl.settings import DEFAULT_TARGETS, SFT_DEFAULTS
+from idlora_trl_app.data import sft_dataset
+from idlora_trl_app.evaluation import evaluate_accuracy, format_comparison
+from idlora_trl_app.defaults import DEFAULT_TARGETS, SFT_DEFAULTS
 
 # Gradient checkpointing off (it only costs time here). Newer transformers call it activation_checkpointing and warn
 # when the old name is set.
@@ -77,7 +77,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.model_name_or_path is None:
-        from idlora_trl.smollm2 import smollm2_path
+        from idlora_trl_app.smollm2 import smollm2_path
 
         args.model_name_or_path = smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)

@@ -1,12 +1,9 @@
 """idlora-trl: ID-LoRA (arXiv 2602.20727) as a native PEFT method, for PEFT, TRL, DeepSpeed and Axolotl.
 
 Importing this package registers ID-LoRA with PEFT, so `peft.get_peft_model(model, IDLoRAConfig(...))`,
-`PeftModel.from_pretrained` and TRL's `peft_config=` work as they do for LoRA.
+`PeftModel.from_pretrained` and TRL's `peft_config=` work as they do for LoRA. Importing it changes nothing else:
+no environment variable, no logging set-up (the `idlora-trl` command is the app, `idlora_trl_app`).
 """
-
-from .startup import prepare_the_command
-
-prepare_the_command()  # the `idlora-trl` command only: before PEFT's import allocates (see startup.py)
 
 from .config import IDLoRAConfig
 from .counting import count_parameters, format_parameter_table, meta_model

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from helpers import smollm2_or_skip
 
-from idlora_trl.cli import main
+from idlora_trl_app.cli import main
 
 
 def test_count_preset_prints_paper_table_3(capsys):
@@ -33,7 +33,7 @@ def test_the_command_leaves_the_hub_reachable(monkeypatch):
     or Hub `--dataset_name` downloads. Only the tests (helpers.py) and CI (.ci/run) set the offline variables."""
     import os
 
-    import idlora_trl.cli as cli
+    import idlora_trl_app.cli as cli
 
     offline = {"HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"}
     for name in offline:
@@ -68,7 +68,7 @@ def test_demo_on_smollm2(tmp_path, capsys):
 PROBE = """
 import os, resource, sys
 {argv}
-import idlora_trl
+import {module}
 import torch
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 torch.empty(16 * 2**20).fill_(1.0)  # 64 MiB: 16,384 pages of 4 KiB
@@ -79,25 +79,27 @@ print(os.environ.get("THP_MEM_ALLOC_ENABLE"), resource.getrusage(resource.RUSAGE
 def test_the_command_backs_large_tensors_with_huge_pages():
     """A process started as `idlora-trl` gets THP_MEM_ALLOC_ENABLE=1 before PEFT's import allocates (a user's script
     importing idlora_trl does not, and a user's own value wins), and its large tensors then fault in far fewer pages
-    (idlora_trl/startup.py). Real processes: PyTorch reads the variable once per process. The setting is checked on
+    (idlora_trl_app/startup.py). Real processes: PyTorch reads the variable once per process. The setting is checked on
     every machine; the page faults only where the kernel's mode makes them the setting's doing (`[madvise]`: under
     `[always]` every process gets huge pages, under `[never]` none)."""
     import os
     import subprocess
     import sys
 
-    from idlora_trl.startup import kernel_offers_huge_pages
+    from idlora_trl_app.startup import kernel_offers_huge_pages
 
-    def probe(argv: str, **env) -> tuple[str, int]:
+    def probe(argv: str, module: str, **env) -> tuple[str, int]:
         environ = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"} | env
-        out = subprocess.run([sys.executable, "-c", PROBE.format(argv=argv)], capture_output=True, text=True,
-                             env=environ, timeout=300, check=True).stdout.split()
+        out = subprocess.run([sys.executable, "-c", PROBE.format(argv=argv, module=module)], capture_output=True,
+                             text=True, env=environ, timeout=300, check=True).stdout.split()
         return out[0], int(out[1])
 
     command = "sys.argv[0] = os.path.join(os.path.dirname(sys.executable), 'idlora-trl')"
-    (value, faults), (user_value, user_faults) = probe(command), probe("")  # the command, a user's own script
+    app = "idlora_trl_app.cli"  # what the console script imports
+    (value, faults), (user_value, user_faults) = probe(command, app), probe("", "idlora_trl")  # command, user script
+    assert probe("", app)[0] == "None"  # a user's script importing the app's modules (the examples do) neither
     assert user_value == "None" and value == ("1" if kernel_offers_huge_pages() else "None")
-    assert probe(command, THP_MEM_ALLOC_ENABLE="0")[0] == "0"
+    assert probe(command, app, THP_MEM_ALLOC_ENABLE="0")[0] == "0"
     try:
         mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
     except OSError:

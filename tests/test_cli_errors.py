@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from idlora_trl.cli import main
+from idlora_trl_app.cli import main
 
 
 def expect_usage_error(argv, message, capsys):
@@ -163,7 +163,7 @@ def test_bad_model_config_file_for_count(tmp_path, capsys):
 def test_console_script_reports_errors_in_one_line(tmp_path):
     """The console script, end to end: exit status 2 and no traceback."""
     script = Path(sys.executable).with_name("idlora-trl")
-    command = [str(script)] if script.is_file() else [sys.executable, "-m", "idlora_trl.cli"]
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "idlora_trl_app.cli"]
     result = subprocess.run([*command, "sft", "--tasks", "poetry"],
                             capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 2

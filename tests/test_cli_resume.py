@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from idlora_trl.cli import main
+from idlora_trl_app.cli import main
 from idlora_trl.hookspecs import hookimpl
 from idlora_trl.plugins import get_plugin_manager
 
@@ -92,7 +92,7 @@ def test_a_checkpoint_of_other_settings_is_refused(uninterrupted, tiny_model_dir
 KILLED_WHILE_WRITING = """
 import os, sys, time
 from transformers import Trainer
-from idlora_trl.cli import main
+from idlora_trl_app.cli import main
 write = Trainer._save_optimizer_and_scheduler
 def write_slowly(self, output_dir):
     if os.path.basename(output_dir) == "checkpoint-6" and "WRITING" in os.environ:
@@ -134,8 +134,9 @@ def test_a_kill_while_a_checkpoint_is_written_resumes_from_the_newest_complete_o
             f"{out / 'checkpoint-4'}") in capsys.readouterr().err
 
     def run(*args: str) -> str:  # a process of its own, as the killed run
-        return subprocess.run([sys.executable, "-m", "idlora_trl.cli", "sft", "--model_name_or_path", tiny_model_dir,
-                               *SIX, *args], capture_output=True, text=True, timeout=600, check=True).stdout
+        return subprocess.run([sys.executable, "-m", "idlora_trl_app.cli", "sft", "--model_name_or_path",
+                               tiny_model_dir, *SIX, *args], capture_output=True, text=True, timeout=600,
+                              check=True).stdout
 
     import shutil
 

@@ -6,9 +6,9 @@ import re
 import pytest
 import torch
 
-from idlora_trl import data
-from idlora_trl.data import safety, sft_tasks
-from idlora_trl.evaluation import (evaluate_accuracy, generate, is_refusal, normalise, refusal_rates)
+from idlora_trl_app import data
+from idlora_trl_app.data import safety, sft_tasks
+from idlora_trl_app.evaluation import (evaluate_accuracy, generate, is_refusal, normalise, refusal_rates)
 
 
 def _prompt(row) -> str:

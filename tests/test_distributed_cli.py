@@ -120,7 +120,7 @@ def test_accelerate_launch_with_the_zero3_accelerate_config(tiny_model_dir, tmp_
         env.pop(var, None)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                "integrations/deepspeed/accelerate_zero3_cpu.yaml", "--main_process_port", str(free_port()),
-               str(ROOT / "tests" / "distributed" / "cli.py"), str(tmp_path),  # idlora_trl.cli.main, observed
+               str(ROOT / "tests" / "distributed" / "cli.py"), str(tmp_path),  # idlora_trl_app.cli.main, observed
                "sft", "--model_name_or_path", tiny_model_dir, *TRAIN, "--output_dir", str(tmp_path / "adapter")]
     result = subprocess.run(["timeout", "-k", "15", str(LIMIT), *command], cwd=ROOT, env=env,
                             capture_output=True, text=True)

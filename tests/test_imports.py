@@ -1,6 +1,7 @@
-"""The core's import graph: no cycle (imports inside functions included), `decomposition.py` at the bottom,
-integrations above the core and never imported by it; and an `IDLoRAConfig` never starts the plugin manager.
-The benchmark suite's graph too: no cycle in `benchmarks/`, and the library never imports it."""
+"""The import graph: no cycle (imports inside functions included) in the library, the app or the benchmarks; in the
+library `decomposition.py` at the bottom, integrations above the core and never imported by it; the library never
+imports the app (`idlora_trl_app`) or the benchmarks; an `IDLoRAConfig` never starts the plugin manager, and
+importing the library changes no environment variable and loads no matplotlib."""
 
 import ast
 import os
@@ -10,7 +11,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "idlora_trl"
+APP = ROOT / "idlora_trl_app"
 BENCHMARKS = ROOT / "benchmarks"
+LIBRARY = ((PACKAGE, "idlora_trl"), (ROOT / "integrations", "idlora_trl.integrations"))
+EVERYTHING = (*LIBRARY, (APP, "idlora_trl_app"), (BENCHMARKS, "benchmarks"))
 
 
 def module_name(path: Path, package: Path = PACKAGE, name: str | None = None) -> str:
@@ -73,15 +77,40 @@ def find_cycle(graph: dict[str, set[str]]):
 
 
 def test_the_parser_sees_imports_inside_functions():
-    graph = import_graph()
-    assert "idlora_trl.smollm2" in graph["idlora_trl.cli.basic"]  # imported inside cmd_demo only
+    graph = import_graph(*EVERYTHING)
+    assert "idlora_trl_app.smollm2" in graph["idlora_trl_app.cli.basic"]  # imported inside cmd_demo only
     assert "idlora_trl.trainers" in graph["idlora_trl"]  # the lazy trainer import
 
 
-def test_no_import_cycle_in_the_core():
-    graph = import_graph()
+def test_no_import_cycle_in_the_library_the_app_and_the_benchmarks():
+    graph = import_graph(*EVERYTHING)
+    assert "idlora_trl.settings" in graph["idlora_trl_app.cli.parser"]  # the app's edges into the library count
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_library_never_imports_the_app():
+    """The app (the command, built-in data, evaluation, SmolLM2, the picture) sits on top of the library."""
+    graph = import_graph(*EVERYTHING)
+    assert any(e.startswith("idlora_trl_app.") for e in graph["idlora_trl_app.cli.train"])  # the graph sees them
+    wrong = {module: sorted(e for e in edges if e.partition(".")[0] == "idlora_trl_app")
+             for module, edges in graph.items() if module.partition(".")[0] == "idlora_trl"}
+    assert not any(wrong.values()), {m: e for m, e in wrong.items() if e}
+
+
+def test_importing_the_library_changes_no_environment_and_loads_no_matplotlib():
+    code = ("import os, sys\nbefore = dict(os.environ)\n"
+            "import idlora_trl, idlora_trl.trainers, idlora_trl.integrations.deepspeed.plugin\n"
+            "changed = sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k))\n"
+            "print(changed, 'matplotlib' in sys.modules)\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("THP_MEM_ALLOC_ENABLE", None)
+    for argv0 in ("-c", "idlora-trl"):  # as a script, and as if it were the command's process
+        command = [sys.executable, "-c", code] if argv0 == "-c" else [sys.executable, "-c",
+                                                                      "import sys; sys.argv[0] = 'idlora-trl'\n" + code]
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip().splitlines()[-1] == "[] False", result.stdout
 
 
 def test_decomposition_is_the_bottom_and_integrations_stay_outside():
@@ -101,18 +130,16 @@ def test_decomposition_is_the_bottom_and_integrations_stay_outside():
     assert graph["idlora_trl.layer"] <= below_layer
 
 
-def test_no_import_cycle_in_the_benchmarks():
-    graph = import_graph((PACKAGE, "idlora_trl"), (BENCHMARKS, "benchmarks"))
+def test_the_benchmarks_graph_is_read():
+    graph = import_graph(*EVERYTHING)
     assert "benchmarks.clustering.gpu" in graph["benchmarks.gpu_check.measure"]  # `from benchmarks.x import y`
     assert "benchmarks.common" in graph["benchmarks.cli"]  # imported inside main(), after the thread variables
-    cycle = find_cycle(graph)
-    assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
-def test_the_library_never_imports_the_benchmarks():
-    """The benchmark suite is not in the wheel: nothing of the library (core or integrations) may import it."""
-    library = ((PACKAGE, "idlora_trl"), (ROOT / "integrations", "idlora_trl.integrations"))
-    graph = import_graph(*library, (BENCHMARKS, "benchmarks"))
+def test_neither_the_library_nor_the_app_imports_the_benchmarks():
+    """The benchmark suite is not in the wheel: nothing of the library (core or integrations) or the app may import
+    it."""
+    graph = import_graph(*EVERYTHING)
     assert any(e.startswith("benchmarks.") for e in graph["benchmarks.quality.measure"])  # the graph sees them
     wrong = {module: sorted(e for e in edges if e == "benchmarks" or e.startswith("benchmarks."))
              for module, edges in graph.items() if module.startswith("idlora_trl")}

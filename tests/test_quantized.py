@@ -119,7 +119,7 @@ def test_trains_saves_and_loads_on_a_quantized_base(model_dir, kind, tmp_path):
 
 
 def test_the_command_trains_on_a_4bit_base(tiny_model_dir, tmp_path, capsys):
-    from idlora_trl.cli import main
+    from idlora_trl_app.cli import main
 
     main(["sft", "--model_name_or_path", tiny_model_dir, "--load_in_4bit", "--bnb_4bit_quant_type", "nf4",
           "--idlora_r", "8", "--idlora_num_clusters", "2", "--per_device_train_batch_size", "4", "--logging_steps", "1",

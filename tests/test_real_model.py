@@ -15,7 +15,7 @@ import re
 import pytest
 from helpers import smollm2_or_skip
 
-from idlora_trl.cli import main
+from idlora_trl_app.cli import main
 
 pytestmark = pytest.mark.slow
 

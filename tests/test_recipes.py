@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from launch import free_port
 
-from idlora_trl.cli.parser import _make_parser, parse_training
-from idlora_trl.cli.train import _peft_config
+from idlora_trl_app.cli.parser import _make_parser, parse_training
+from idlora_trl_app.cli.train import _peft_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "examples" / "recipes"
@@ -54,7 +54,7 @@ def test_zero3_recipe_builds_its_deepspeed_config():
         "import importlib, json, sys\n"
         "importlib.import_module('deepspeed.comm.torch').build_shm_op = lambda: None\n"
         "from transformers.integrations import is_deepspeed_zero3_enabled\n"
-        "from idlora_trl.cli.parser import parse_training\n"
+        "from idlora_trl_app.cli.parser import parse_training\n"
         "run = parse_training('sft', ['--config', sys.argv[1]])\n"
         "t = run.training\n"
         "print(json.dumps(dict(zero3=is_deepspeed_zero3_enabled(), deepspeed=t.deepspeed, bf16=t.bf16,\n"
@@ -85,7 +85,7 @@ def launcher_parsers():
 
     return {
         "torchrun": (get_args_parser(), ["--nproc_per_node", "2", "--no-python", "idlora-trl"]),
-        "accelerate launch": (launch_command_parser(), ["--num_processes", "2", "-m", "idlora_trl.cli"]),
+        "accelerate launch": (launch_command_parser(), ["--num_processes", "2", "-m", "idlora_trl_app.cli"]),
     }
 
 

@@ -8,7 +8,7 @@ LIMIT = 400
 
 
 def test_no_python_file_over_400_lines():
-    files = [p for folder in ("idlora_trl", "integrations", "tests", "benchmarks", "examples")
+    files = [p for folder in ("idlora_trl", "idlora_trl_app", "integrations", "tests", "benchmarks", "examples")
              for p in (ROOT / folder).rglob("*.py")]
     assert len(files) > 40
     long = {str(p.relative_to(ROOT)): n for p in files if (n := len(p.read_text().splitlines())) > LIMIT}
@@ -16,11 +16,13 @@ def test_no_python_file_over_400_lines():
 
 
 def test_every_folder_of_the_package_is_listed_for_the_wheel():
-    """pyproject.toml lists the packages by hand (integrations/ is mapped into idlora_trl.integrations): a folder
+    """pyproject.toml lists the packages by hand (the library, the app, and integrations/ mapped into
+    idlora_trl.integrations): a folder
     missing from the list is missing from a built wheel (`idlora-trl` would fail to import its CLI), although an
     editable install still finds it. Folders holding only data files (the Axolotl examples) count too."""
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    roots = {"idlora_trl": ROOT / "idlora_trl", "idlora_trl.integrations": ROOT / "integrations"}
+    roots = {"idlora_trl": ROOT / "idlora_trl", "idlora_trl_app": ROOT / "idlora_trl_app",
+             "idlora_trl.integrations": ROOT / "integrations"}
     on_disk = set()
     for package, folder in roots.items():
         for path in [folder, *folder.rglob("*")]:

@@ -10,14 +10,15 @@ import pytest
 from idlora_trl import IDLoRAConfig
 from idlora_trl.config import DISTANCES, ROUTER_NORMS, ROUTERS
 from idlora_trl.decomposition import SELECTIONS
-from idlora_trl.settings import IDLoRAArguments, METHOD_FIELDS, SFT_DEFAULTS, flag_name, make_config, method_settings
+from idlora_trl.settings import IDLoRAArguments, METHOD_FIELDS, flag_name, make_config, method_settings
+from idlora_trl_app.defaults import SFT_DEFAULTS
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def parser_of(command):
     """The `trl.TrlParser` of an `idlora-trl` subcommand."""
-    from idlora_trl.cli import basic, parser
+    from idlora_trl_app.cli import basic, parser
 
     return parser._make_parser(command) if command in ("sft", "dpo") else basic.make_parser(command)
 

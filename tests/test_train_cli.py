@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from idlora_trl.cli import main
-from idlora_trl.cli.parser import parse_training
+from idlora_trl_app.cli import main
+from idlora_trl_app.cli.parser import parse_training
 from idlora_trl.indices import read_indices
-from idlora_trl.settings import DEFAULT_TARGETS, DPO_DEFAULTS, SFT_DEFAULTS
+from idlora_trl_app.defaults import DEFAULT_TARGETS, DPO_DEFAULTS, SFT_DEFAULTS
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--idlora_r", "8", "--idlora_num_clusters", "2", "--per_device_train_batch_size", "4", "--logging_steps",
@@ -148,7 +148,7 @@ def test_a_cpu_run_shows_no_warning_of_ours(tiny_model_dir, tmp_path):
     """The console script on a CPU, as a newcomer runs it: no DeepSpeed line (it is not used), no FutureWarning
     about gradient_checkpointing (an option we set), no warning at all."""
     script = Path(sys.executable).with_name("idlora-trl")
-    command = [str(script)] if script.is_file() else [sys.executable, "-m", "idlora_trl.cli"]
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "idlora_trl_app.cli"]
     env = {k: v for k, v in os.environ.items() if k not in ("DS_ACCELERATOR", "PYTHONWARNINGS")}
     result = subprocess.run([*command, "sft", "--model_name_or_path", tiny_model_dir, *TINY, "--max_steps", "1",
                              "--max_train_samples", "4", "--eval_samples", "1", "--output_dir", str(tmp_path)],
@@ -185,7 +185,7 @@ def test_trl_options_work_under_trls_names(tmp_path):
     """Every field of TRL's dataclasses is an option, and the ones a real run needs reach the trainer's config."""
     from trl import ModelConfig, ScriptArguments, SFTConfig
 
-    from idlora_trl.cli.parser import _make_parser
+    from idlora_trl_app.cli.parser import _make_parser
 
     dests = {action.dest for action in _make_parser("sft")._actions}
     for cls in (ScriptArguments, SFTConfig, ModelConfig):
@@ -228,7 +228,7 @@ def test_hyphenated_spellings_and_launcher_arguments_are_accepted():
 
 
 def test_router_norm_and_pmrc_qr_reach_the_config():
-    from idlora_trl.cli.train import _peft_config
+    from idlora_trl_app.cli.train import _peft_config
 
     config = _peft_config(parse_training("sft", ["--idlora_router_norm", "rms", "--idlora_selection", "pmrc-qr"]))
     assert (config.router_norm, config.selection) == ("rms", "pmrc-qr")
@@ -250,3 +250,21 @@ def test_examples_run_in_tiny_mode(tiny_model_dir, tmp_path, script, expect):
     assert result.returncode == 0, result.stderr[-3000:]
     assert expect in result.stdout, result.stdout[-3000:]
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_without_matplotlib_the_command_trains_and_says_how_to_get_the_picture(tiny_model_dir, tmp_path, capsys,
+                                                                               monkeypatch):
+    """matplotlib is an optional extra (`idlora-trl[plot]`): `pip install idlora-trl` does not bring it."""
+    import sys
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    assert not any(d.startswith("matplotlib") for d in project["dependencies"])
+    assert any(d.startswith("matplotlib") for d in project["optional-dependencies"]["plot"])
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    out_dir = tmp_path / "adapter"
+    out = _run(["sft", "--model_name_or_path", tiny_model_dir, *TINY, "--max_steps", "1", "--max_train_samples", "4",
+                "--eval_samples", "0", "--output_dir", str(out_dir)], capsys)
+    assert f"Saved the ID-LoRA adapter to {out_dir}" in out and not (out_dir / "run.png").exists()
+    assert "no picture of the run: matplotlib is not installed (pip install 'idlora-trl[plot]'" in out

@@ -116,7 +116,7 @@ def main() -> None:
 
     path = args.model
     if path == "smollm2":
-        from idlora_trl.smollm2 import smollm2_path
+        from idlora_trl_app.smollm2 import smollm2_path
 
         path = smollm2_path()
     keep_alive = None

@@ -29,7 +29,7 @@ def build_models(base, p: int, seed: int,
     from peft import LoraConfig, get_peft_model
 
     from idlora_trl import IDLoRAConfig
-    from idlora_trl.settings import DEFAULT_TARGETS
+    from idlora_trl_app.defaults import DEFAULT_TARGETS
 
     targets = DEFAULT_TARGETS.split(",")
 

@@ -53,7 +53,7 @@ def run(args) -> dict:
     if shutil.which("/usr/bin/time") is None:
         raise RuntimeError("/usr/bin/time is not installed (Debian: apt-get install time)")
     if args.smoke:  # the same code path on the command's help screen instead of a training run
-        commands = {"idlora-trl --help": [sys.executable, "-m", "idlora_trl.cli", "--help"]}
+        commands = {"idlora-trl --help": [sys.executable, "-m", "idlora_trl_app.cli", "--help"]}
     else:
         command = shutil.which("idlora-trl") or os.path.join(os.path.dirname(sys.executable), "idlora-trl")
         names = [n.strip() for n in args.overhead_commands.split(",") if n.strip()]

@@ -6,10 +6,10 @@ from benchmarks.common import table, target
 SYSTEM_SHARE_TARGET = 0.10
 WHY = ('glibc serves every block over 32 MiB (the logits, batch x length x 49,152 floats, and their gradients) with a '
        'fresh `mmap` and returns it on free, so a training step faults its large buffers in again, 4 KiB at a time. '
-       "The command sets PyTorch's `THP_MEM_ALLOC_ENABLE=1` at import (`idlora_trl/startup.py`), which backs tensors "
-       'of 2 MiB and more with transparent huge pages. Each command runs under `/usr/bin/time -v` twice, interleaved: '
-       'with `THP_MEM_ALLOC_ENABLE=0` (what the command did before) and as shipped. Same seed, same steps, same '
-       'losses.')
+       "The command sets PyTorch's `THP_MEM_ALLOC_ENABLE=1` at import (`idlora_trl_app/startup.py`), which backs "
+       'tensors of 2 MiB and more with transparent huge pages. Each command runs under `/usr/bin/time -v` twice, '
+       'interleaved: with `THP_MEM_ALLOC_ENABLE=0` (what the command did before) and as shipped. Same seed, same '
+       'steps, same losses.')
 
 
 def render(data: dict, ctx) -> tuple[str, list]:

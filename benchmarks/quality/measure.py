@@ -9,7 +9,7 @@ from benchmarks.common import STORED, Clock, log, read_json, smollm2, tiny_llama
 from benchmarks.quality import diagnose
 from benchmarks.quality.runs import METHODS, Bench, Spec, nll
 from benchmarks.stats import mean
-from idlora_trl.settings import DEFAULT_TARGETS, SFT_DEFAULTS  # the main job's settings
+from idlora_trl_app.defaults import DEFAULT_TARGETS, SFT_DEFAULTS  # the main job's settings
 
 
 def add_arguments(parser) -> None:
@@ -96,7 +96,7 @@ def _min_d_out(model, targets: list[str]) -> int:
 
 
 def _bench(args):
-    from idlora_trl.data import sft_dataset, sft_rows
+    from idlora_trl_app.data import sft_dataset, sft_rows
 
     targets = [t.strip() for t in DEFAULT_TARGETS.split(",")]
     validation = sft_rows("validation", per_task=args.val_per_task)
@@ -162,7 +162,7 @@ def run(args, partial=None) -> dict:
         data["ablations"][name] = entry
         if partial:
             partial(data)
-    from idlora_trl.data import sft_rows
+    from idlora_trl_app.data import sft_rows
 
     if not args.no_diagnosis:  # minutes, whatever the clock says: it explains the runs that exist
         adapters = {}

@@ -5,7 +5,7 @@ A run is a `Spec` (method, ID-LoRA settings, learning rate, seed). Its result is
 Its adapter is saved in `<work dir>/<key>/` (not in the repository), so the test split can be scored later
 for the runs the validation split selects, without training them again.
 
-Scores (`idlora_trl.evaluation`):
+Scores (`idlora_trl_app.evaluation`):
 - validation: mean answer NLL per task (teacher-forced, answer tokens only), the one number the learning-rate
   grid is chosen on;
 - test: answer NLL per task and exact-match accuracy per task (greedy generation).
@@ -125,7 +125,7 @@ class Bench:
         from trl import SFTTrainer
 
         from idlora_trl import IDLoRASFTTrainer, get_indices, save_indices
-        from idlora_trl.evaluation import answer_nll
+        from idlora_trl_app.evaluation import answer_nll
 
         config = peft_config(spec, self.setup["p"], self.setup["targets"])
         clusters = spec.method == "ID-LoRA" and self._prepare_indices(config)
@@ -163,7 +163,7 @@ class Bench:
     def _score_test(self, spec: Spec) -> dict:
         from peft import PeftModel
 
-        from idlora_trl.evaluation import answer_nll, evaluate_accuracy
+        from idlora_trl_app.evaluation import answer_nll, evaluate_accuracy
 
         out_dir = os.path.join(self.work_dir, spec.key(self.setup))
         if not os.path.isfile(os.path.join(out_dir, "adapter_config.json")):  # another machine: train again

@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node 2 tests/distributed/cli.py OUT sft --deepspeed CONFIG --model DIR ...
 
-Runs `idlora_trl.cli.main(argv)` unchanged, with two additions of the test's own: DeepSpeed's 40 s shm-op
+Runs `idlora_trl_app.cli.main(argv)` unchanged, with two additions of the test's own: DeepSpeed's 40 s shm-op
 build is skipped, and an observer plugin records what the decomposition saw (whether each weight was
 partitioned outside its gather context) and the index tables after injection. Writes OUT/cli_rank{R}.json.
 """
@@ -34,7 +34,7 @@ def main() -> None:
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     import torch.distributed as dist
 
-    from idlora_trl.cli import main as cli_main
+    from idlora_trl_app.cli import main as cli_main
     from idlora_trl.plugins import get_plugin_manager
 
     probe, recorder = WeightContextProbe(), IndexRecorder()

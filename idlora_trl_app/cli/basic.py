@@ -16,8 +16,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..counting import PRESETS
-from ..settings import DEFAULT_TARGETS, SFT_DEFAULTS, IDLoRAArguments
+from idlora_trl.counting import PRESETS
+from idlora_trl.settings import IDLoRAArguments
+
+from ..defaults import DEFAULT_TARGETS, SFT_DEFAULTS
 from .common import UsageError, first_line, idlora_config
 from .parser import HELP, check_values, parse_with, parser_class
 
@@ -68,7 +70,7 @@ def parse(command: str, argv: list[str]):
 def cmd_decompose(argv: list[str]) -> None:
     from peft import get_peft_model
 
-    from .. import get_indices, save_indices  # the public API (module layout may change)
+    from idlora_trl import get_indices, save_indices  # the public API (module layout may change)
     from .runtime import load_model, seconds
 
     idlora, targets, args = parse("decompose", argv)
@@ -99,7 +101,7 @@ def cmd_decompose(argv: list[str]) -> None:
 def cmd_count(argv: list[str]) -> None:
     from peft import get_peft_model
 
-    from ..counting import count_parameters, format_parameter_table, meta_model
+    from idlora_trl.counting import count_parameters, format_parameter_table, meta_model
 
     idlora, targets, rest = parse("count", argv)
     config = idlora_config(idlora, targets.lora_target_modules)
@@ -116,7 +118,7 @@ def cmd_demo(argv: list[str]) -> None:
     import torch
     from peft import PeftModel, get_peft_model
 
-    from ..counting import count_parameters, format_parameter_table
+    from idlora_trl.counting import count_parameters, format_parameter_table
     from ..smollm2 import load_smollm2, smollm2_path
 
     idlora, targets, args = parse("demo", argv)

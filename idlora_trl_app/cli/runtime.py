@@ -236,7 +236,7 @@ def setup_adapter(cls, run, peft_config, checkpoint: Optional[str] = None, **kwa
     else:
         how = "clustering included"
         if cache is not None:
-            from .. import get_indices, save_indices
+            from idlora_trl import get_indices, save_indices
 
             staging = f"{cache}.{os.getpid()}.tmp"
             save_indices(staging, get_indices(trainer.model), peft_config.decomposition_spec())
@@ -244,7 +244,7 @@ def setup_adapter(cls, run, peft_config, checkpoint: Optional[str] = None, **kwa
             how += f"; indices cached in {cache} for later runs"
     say(f"ID-LoRA set up in {elapsed} ({how})")
     if run.model.lora_r:  # the trainer's table compares with LoRA at r/4; the user asked for another rank
-        from .. import count_parameters, format_parameter_table
+        from idlora_trl import count_parameters, format_parameter_table
 
         say(f"Against LoRA at r={run.model.lora_r}:\n"
             f"{format_parameter_table(count_parameters(trainer.model, lora_r=run.model.lora_r))}")

@@ -16,7 +16,9 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..settings import DEFAULT_TARGETS, DPO_DEFAULTS, SFT_DEFAULTS, IDLoRAArguments
+from idlora_trl.settings import IDLoRAArguments
+
+from ..defaults import DEFAULT_TARGETS, DPO_DEFAULTS, SFT_DEFAULTS
 from .common import UsageError, first_line
 
 __all__ = ["DPOJobArguments", "Run", "SFTJobArguments", "parse_training", "parse_with", "parser_class"]

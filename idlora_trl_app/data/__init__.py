@@ -3,9 +3,9 @@
 Built-in data is generated in code from a seed (no files, no downloads), in TRL's conversational formats:
 
 - SFT (`sft_dataset`): a multi-task mix of arithmetic word problems, sentiment and short instructions
-  (`idlora_trl.data.sft_tasks`), prompt-completion rows with `task` and `answer` columns;
+  (`idlora_trl_app.data.sft_tasks`), prompt-completion rows with `task` and `answer` columns;
 - DPO (`dpo_dataset`): a safety set, harmful requests with refusal chosen and benign requests with help
-  chosen (`idlora_trl.data.safety`), prompt/chosen/rejected rows with a `kind` column.
+  chosen (`idlora_trl_app.data.safety`), prompt/chosen/rejected rows with a `kind` column.
 
 Each has a `"train"` split and a held-out `"test"` split that shares no item with it; the SFT tasks also have a
 `"validation"` split, disjoint from both, for choosing hyper-parameters (`benchmarks/quality/`).

@@ -9,7 +9,7 @@ Each row is TRL's conversational prompt-completion format plus two bookkeeping c
     {"prompt": [{"role": "user", "content": ...}], "completion": [{"role": "assistant", "content": ...}],
      "task": "sentiment", "answer": "POSITIVE"}
 
-`answer` is what evaluation compares with (`idlora_trl.evaluation.normalise`); it equals the completion except
+`answer` is what evaluation compares with (`idlora_trl_app.evaluation.normalise`); it equals the completion except
 for arithmetic, whose completion shows the calculation ("4 + 6 = 10") and whose answer is the result ("10").
 """
 

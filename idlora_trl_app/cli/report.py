@@ -18,8 +18,20 @@ def _series(logs: list[dict], key: str) -> tuple[list[float], list[float]]:
     return [p[0] for p in points], [p[1] for p in points]
 
 
+MISSING = ("no picture of the run: matplotlib is not installed (pip install 'idlora-trl[plot]', or --no_plot to "
+           "skip the picture)")
+
+
 def write_picture(run, logs: list[dict], metric: str, before: dict, after: dict) -> Optional[str]:
-    """Draw the run into `<output_dir>/run.png` and return its absolute path."""
+    """Draw the run into `<output_dir>/run.png` and return its absolute path; None without matplotlib (an optional
+    dependency, the `plot` extra), after saying so."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        from .runtime import say
+
+        say(MISSING)
+        return None
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

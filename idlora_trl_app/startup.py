@@ -6,11 +6,11 @@ at a time, and the kernel time grows with them. PyTorch's CPU allocator backs te
 transparent huge pages when `THP_MEM_ALLOC_ENABLE=1` (a fresh 64 MiB tensor: 16,417 faults without, 589 with).
 Measured on `idlora-trl dpo` (2 cores): 29.7 M minor faults -> 0.97 M, system time 71 s -> 31 s (12.7% -> 5.5%
 of the CPU time), the same losses, peak RSS 4.23 -> 4.14 GB. PyTorch reads the variable once, at its first CPU
-allocation, and importing PEFT already allocates; so the setting is made here, when `idlora_trl` is imported,
-before PEFT is.
+allocation, and importing PEFT already allocates; so the setting is made when `idlora_trl_app` is imported,
+before `idlora_trl` and PEFT are.
 
 Only in a process started as the command (the `idlora-trl` console script, also under `torchrun --no-python`, or
-`python -m idlora_trl.cli`, also under `accelerate launch -m`), never in a user's own script; only on a kernel that
+`python -m idlora_trl_app.cli`, also under `accelerate launch -m`), never in a user's own script; only on a kernel that
 offers transparent huge pages; and a value the user set (`THP_MEM_ALLOC_ENABLE=0`) wins.
 """
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import sys
 
-COMMAND, MODULES = "idlora-trl", ("idlora_trl.cli", "idlora_trl.cli.__main__")
+COMMAND, MODULES = "idlora-trl", ("idlora_trl_app.cli", "idlora_trl_app.cli.__main__")
 
 
 def started_as_the_command() -> bool:

@@ -74,7 +74,7 @@ def _needs_eval_rows(run: Run, rows) -> None:
 def cmd_sft(run: Run) -> None:
     from datasets import Dataset
 
-    from .. import IDLoRASFTTrainer
+    from idlora_trl import IDLoRASFTTrainer
     from ..data import DataError, sft_dataset
     from ..evaluation import evaluate_accuracy, format_comparison, format_examples
 
@@ -179,7 +179,7 @@ def _per_kind(dataset, limit: int):
 
 
 def cmd_dpo(run: Run) -> None:
-    from .. import IDLoRADPOTrainer
+    from idlora_trl import IDLoRADPOTrainer
     from ..data import dpo_dataset, refusal_prompts
     from ..evaluation import format_comparison, format_examples, refusal_rates
 

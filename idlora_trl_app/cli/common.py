@@ -6,9 +6,9 @@ from __future__ import annotations
 import re
 from typing import Optional, Sequence
 
-from ..decomposition import SELECTIONS
-from ..plugins import check_selection
-from ..settings import METHOD_FIELDS, flag_name, make_config
+from idlora_trl.decomposition import SELECTIONS
+from idlora_trl.plugins import check_selection
+from idlora_trl.settings import METHOD_FIELDS, flag_name, make_config
 
 
 class UsageError(Exception):

@@ -26,7 +26,7 @@ def problem(path: str) -> Optional[str]:
     """Why `path` is not a complete checkpoint of an ID-LoRA adapter, or None when it is."""
     from safetensors import safe_open
 
-    from ..indices import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+    from idlora_trl.indices import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
     missing = [name for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, TRAINER_STATE)
                if not os.path.isfile(os.path.join(path, name))]

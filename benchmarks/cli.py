@@ -13,7 +13,8 @@ each section's time):
 Sections: params (trainable parameters, meta device), clustering (ours against k-means-constrained), training
 (step/forward time and memory against PEFT LoRA and DoRA), quality (held-out accuracy, seeds, ablations),
 overhead (page faults and kernel time of the `idlora-trl` command, under `/usr/bin/time -v`), inference (prefill,
-decoding with the KV cache and small forwards against LoRA, eager and compiled).
+decoding with the KV cache and small forwards against LoRA, eager and compiled), qlora (step time and memory
+against QLoRA on one bitsandbytes 4-bit base; needs bitsandbytes).
 Every comparison runs side by side in this one process, interleaved (A, B, C, A, B, C, ...), quoted as medians
 and ratios. Raw results go to <doc dir>/benchmarks/<section>.json next to the doc, plots to the same folder;
 the doc's numbers come only from those measurements. Torch and BLAS threads are pinned (--threads, default 2).
@@ -107,7 +108,8 @@ GPU_CHECK_NOTE = (
     "parts run at toy sizes (`--gpu-check --device cpu`) in the smoke tests, `tests/test_benchmarks.py`.")
 TITLES = {"params": "1. Trainable parameters", "clustering": "2. Clustering cost",
           "training": "3. Training cost", "quality": "4. Quality on a real model",
-          "overhead": "5. CPU overhead of the command", "inference": "6. Inference speed"}
+          "overhead": "5. CPU overhead of the command", "inference": "6. Inference speed",
+          "qlora": "7. QLoRA-style training cost (4-bit base)"}
 
 
 def render_doc(data: dict, errors: dict, command: str, ctx: Context) -> str:

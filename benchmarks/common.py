@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-SECTIONS = ("params", "clustering", "training", "quality", "overhead", "inference")
+SECTIONS = ("params", "clustering", "training", "quality", "overhead", "inference", "qlora")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 STORED = os.path.join(ROOT, "docs", "benchmarks")  # the sections' committed JSON (and the main job's)
 

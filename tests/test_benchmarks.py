@@ -1,6 +1,7 @@
 """The benchmark suite's smoke run: `python -m benchmarks --smoke` runs every section at toy sizes (seconds) and
 writes a doc with each section's table, numbers included, plus the raw JSON the doc can be rebuilt from."""
 
+import importlib.util
 import json
 import os
 import re
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]  # where `python -m benchmarks` finds the package
-SECTIONS = ("params", "clustering", "training", "quality", "overhead", "inference")
+SECTIONS = ("params", "clustering", "training", "quality", "overhead", "inference", "qlora")
 
 
 def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -80,6 +81,12 @@ def test_smoke_run_writes_every_section(tmp_path):
     assert sum("| eager |" in r for r in rows) == 5 and sum("| compiled |" in r for r in rows) == 3, inference
     assert "Graph breaks" in inference and "ID-LoRA 0." in inference
 
+    qlora = _section(doc, "7. QLoRA-style training cost (4-bit base)")  # bitsandbytes: the Axolotl tier's venv
+    if importlib.util.find_spec("bitsandbytes") is None:  # measured in tests/test_quantized.py there
+        assert "Not measured: bitsandbytes is not installed (pip install --no-deps bitsandbytes)." in qlora, qlora
+    else:
+        assert [r.split(" |")[0] for r in _numeric_rows(qlora)] == ["| QLoRA", "| ID-LoRA"], qlora
+
     targets = _section(doc, "Targets")
     assert "Decode tokens/s of ID-LoRA / unmerged LoRA, batch 1, eager" in targets
     assert "Clustering speed" in targets and "Training step" in targets and "Table 3" in targets
@@ -98,7 +105,8 @@ def test_smoke_run_writes_every_section(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     again = rebuilt.read_text()
     for title in ("Targets", "1. Trainable parameters", "2. Clustering cost", "3. Training cost",
-                  "4. Quality on a real model", "5. CPU overhead of the command", "6. Inference speed"):
+                  "4. Quality on a real model", "5. CPU overhead of the command", "6. Inference speed",
+                  "7. QLoRA-style training cost (4-bit base)"):
         assert _without_images(_section(again, title)) == _without_images(_section(doc, title)), title
 
 

@@ -127,3 +127,24 @@ def test_the_command_trains_on_a_4bit_base(tiny_model_dir, tmp_path, capsys):
           "1e-2", "--output_dir", str(tmp_path)])
     out = capsys.readouterr().out
     assert "step    3/3  loss" in out and (tmp_path / "adapter_model.safetensors").is_file()
+
+
+def test_the_qlora_benchmark_section_measures_both_methods_on_a_4bit_base(tmp_path):
+    """`python -m benchmarks --only qlora` at toy sizes (the main tier's smoke run has no bitsandbytes)."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-m", "benchmarks", "--smoke", "--only", "qlora", "--threads", "1",
+                             "--out", str(tmp_path / "B.md")], cwd=root, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONPATH": str(root)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    doc = (tmp_path / "B.md").read_text()
+    section = doc.split("## 7. QLoRA-style training cost (4-bit base)")[1].split("\n## ")[0]
+    assert "layers `Linear4bit`" in section, section
+    rows = re.findall(r"^\| (QLoRA|ID-LoRA) \| [\d,]+ \| [\d.]+ \| [\d.]+x \|", section, flags=re.M)
+    assert rows == ["QLoRA", "ID-LoRA"], section
+    assert "Training step of ID-LoRA / QLoRA, 4-bit base" in doc and "Training memory of ID-LoRA / QLoRA" in doc

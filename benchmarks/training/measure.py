@@ -127,12 +127,13 @@ class _OneLayer(nn.Module):
 
 
 def compare(bases: dict, inputs: dict, loss_fn, args, device: str, profile: bool) -> dict:
-    """Interleaved step and forward timings, memory and (optionally) an operator profile of each method."""
+    """Interleaved step and forward timings, memory and (optionally) an operator profile of each method.
+    `bases`: method -> (base model, or a function that builds one, PEFT config)."""
     from peft import get_peft_model
 
     benches, params = {}, {}
-    for method, (base, config) in bases.items():
-        peft_model = get_peft_model(copy.deepcopy(base), config)
+    for method, (base, config) in bases.items():  # a model is copied; a function makes a fresh one (4-bit bases)
+        peft_model = get_peft_model(copy.deepcopy(base) if isinstance(base, nn.Module) else base(), config)
         params[method] = sum(p.numel() for p in _trainable(peft_model))
         benches[method] = _Bench(peft_model, inputs, loss_fn, device)
     steps = interleaved({m: b.step for m, b in benches.items()}, args.train_repeats, args.train_warmup)

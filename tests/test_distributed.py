@@ -4,6 +4,8 @@ The rank scripts live in tests/distributed/ and run under `torchrun --nproc_per_
 meeting through the c10d rendezvous, as two nodes do) on CPU with gloo (OMP_NUM_THREADS=1, a free port per run,
 DeepSpeed's shm-op build skipped, every run bounded by `timeout`).
 They write what they saw; the tests here compare, and rebuild the trained model in this process.
+(FSDP2: test_distributed_fsdp2.py; a model built before its ZeRO-3 config: test_distributed_zero3_dtype.py; the
+`idlora-trl` command on two ranks: test_distributed_cli.py.)
 """
 
 from __future__ import annotations

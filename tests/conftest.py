@@ -53,7 +53,7 @@ def _no_plugin_left_registered():
         return
     manager = get_plugin_manager()
     installed = {id(plugin) for plugin, _ in manager.list_plugin_distinfo()}
-    left = {name: plugin for name, plugin in manager.list_name_plugin()
+    left = {f"{name} ({type(plugin).__name__})": plugin for name, plugin in manager.list_name_plugin()
             if plugin is not None and not name.startswith("idlora_trl.builtin.") and id(plugin) not in installed}
     for plugin in left.values():
         manager.unregister(plugin)  # the next tests start clean

@@ -1,9 +1,11 @@
-"""Shared test helpers: tiny models and a tokenizer built from configs (nothing is downloaded).
+"""Shared test helpers: tiny models and a tokenizer built from configs (nothing is downloaded), the float64
+references of the adapted forward, and the test plugins' registration.
 
 Imported as `from helpers import make_llama` (pytest puts tests/ on sys.path; the distributed and Axolotl
 scripts do the same). `conftest.py` only holds fixtures.
 """
 
+import contextlib
 import os
 from typing import Optional
 
@@ -18,6 +20,7 @@ from transformers.pytorch_utils import Conv1D
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import idlora_trl  # noqa: F401  (registers ID-LoRA with PEFT)
+from idlora_trl.hookspecs import hookimpl
 
 VOCAB = 97
 
@@ -164,3 +167,32 @@ def dequantized(module) -> torch.Tensor:
         return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
     scales = weight.SCB if weight.SCB is not None else module.state.SCB
     return weight.data.float() * scales.float().view(-1, 1) / 127
+
+
+@contextlib.contextmanager
+def registered(plugin, name: Optional[str] = None):
+    """`plugin` registered with the project's plugin manager inside the block, unregistered when it ends, by an
+    error too. The one way tests register plugins: pytest tests through conftest's `register_plugin` fixture
+    (built on this), the rank scripts of tests/distributed/ directly."""
+    from idlora_trl.plugins import get_plugin_manager
+
+    manager = get_plugin_manager()
+    manager.register(plugin, name=name)
+    try:
+        yield plugin
+    finally:
+        manager.unregister(plugin)
+
+
+class ClusteringCounter:
+    """A plugin that records, in `modules`, the name of every module whose rows are selected, and leaves the
+    answer to the other strategies (a `tryfirst` `idlora_select_rows` returning None): how a test proves that a
+    code path clusters, or never does."""
+
+    def __init__(self) -> None:
+        self.modules: list[str] = []
+
+    @hookimpl(tryfirst=True)
+    def idlora_select_rows(self, weight, module_name, config):
+        self.modules.append(module_name)
+        return None

@@ -10,27 +10,8 @@ from transformers import AutoModelForCausalLM
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
 import idlora_trl
-from idlora_trl.hookspecs import hookimpl
-from idlora_trl.plugins import get_plugin_manager
 from idlora_trl import IDLoRAConfig, IDLoRAModel, get_indices
 from idlora_trl.layer import IDLoRALayer
-
-
-@pytest.fixture
-def clustering_calls():
-    """Records every row selection (a spy plugin that lets the real strategy answer), to prove that a code
-    path never clusters."""
-    calls = []
-
-    class Spy:
-        @hookimpl(tryfirst=True)
-        def idlora_select_rows(self, weight, module_name, config):
-            calls.append(module_name)
-
-    spy = Spy()
-    get_plugin_manager().register(spy)
-    yield calls
-    get_plugin_manager().unregister(spy)
 
 
 def trained_adapter(seed=0, **overrides):
@@ -47,9 +28,9 @@ def test_registration_is_idempotent_and_uses_the_saved_type():
     assert PEFT_TYPE_TO_CONFIG_MAPPING["IDLORA"] is IDLoRAConfig
 
 
-def test_save_load_is_bit_exact_and_never_clusters(tmp_path, tokens, clustering_calls):
+def test_save_load_is_bit_exact_and_never_clusters(tmp_path, tokens, clustering_counter):
     peft_model = trained_adapter()
-    assert len(clustering_calls) == 14  # 7 projections x 2 layers
+    assert len(clustering_counter.modules) == 14  # 7 projections x 2 layers
     expected = peft_model(tokens).logits
     peft_model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -59,28 +40,28 @@ def test_save_load_is_bit_exact_and_never_clusters(tmp_path, tokens, clustering_
     loaded = PeftModel.from_pretrained(make_llama(0), tmp_path)
     assert isinstance(loaded.peft_config["default"], IDLoRAConfig)
     assert torch.equal(loaded(tokens).logits, expected)
-    assert len(clustering_calls) == 14
+    assert len(clustering_counter.modules) == 14
     assert all(torch.equal(indices[n], t) for n, t in get_indices(loaded).items())
 
 
-def test_auto_peft_model_loads_from_a_local_base(tmp_path, tokens, clustering_calls):
+def test_auto_peft_model_loads_from_a_local_base(tmp_path, tokens, clustering_counter):
     base_dir, adapter_dir = tmp_path / "base", tmp_path / "adapter"
     make_llama(3).save_pretrained(base_dir)
     peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
                                 IDLoRAConfig(r=8, num_clusters=2, init_weights=False))
-    calls = len(clustering_calls)
+    calls = len(clustering_counter.modules)
     expected = peft_model(tokens).logits
     peft_model.save_pretrained(adapter_dir)
     assert isinstance(PeftConfig.from_pretrained(adapter_dir), IDLoRAConfig)
     loaded = AutoPeftModelForCausalLM.from_pretrained(adapter_dir)
     assert torch.equal(loaded(tokens).logits, expected)
-    assert len(clustering_calls) == calls
+    assert len(clustering_counter.modules) == calls
 
 
-def test_load_adapter_as_trainable_second_adapter(tmp_path, tokens, clustering_calls):
+def test_load_adapter_as_trainable_second_adapter(tmp_path, tokens, clustering_counter):
     first = trained_adapter(seed=0)
     second = trained_adapter(seed=0, r=4)
-    calls = len(clustering_calls)
+    calls = len(clustering_counter.modules)
     first_logits = first(tokens).logits
     second.save_pretrained(tmp_path / "r4")
     first.load_adapter(tmp_path / "r4", adapter_name="r4", is_trainable=True)
@@ -89,7 +70,7 @@ def test_load_adapter_as_trainable_second_adapter(tmp_path, tokens, clustering_c
     assert any(p.requires_grad for n, p in first.named_parameters() if ".r4." in n)
     first.set_adapter("default")
     assert torch.equal(first(tokens).logits, first_logits)
-    assert len(clustering_calls) == calls
+    assert len(clustering_counter.modules) == calls
 
 
 def test_disable_adapter_gives_base_logits_exactly(tokens):
@@ -102,12 +83,12 @@ def test_disable_adapter_gives_base_logits_exactly(tokens):
     assert torch.equal(peft_model(tokens).logits, adapted)
 
 
-def test_second_adapter_with_same_settings_reuses_indices(tokens, clustering_calls):
+def test_second_adapter_with_same_settings_reuses_indices(tokens, clustering_counter):
     peft_model = trained_adapter()
-    calls = len(clustering_calls)
+    calls = len(clustering_counter.modules)
     # same decomposition settings, other training settings: the indices are reused, nothing is clustered
     peft_model.add_adapter("second", IDLoRAConfig(r=8, num_clusters=2, rank_boost=1, router="static"))
-    assert len(clustering_calls) == calls
+    assert len(clustering_counter.modules) == calls
     first, second = get_indices(peft_model, "default"), get_indices(peft_model, "second")
     assert first.keys() == second.keys()
     assert all(torch.equal(first[n], second[n]) for n in first)
@@ -166,14 +147,14 @@ def test_print_trainable_parameters_matches_the_formula(capsys):
     assert f"trainable params: {trainable:,}" in capsys.readouterr().out
 
 
-def test_indices_file_round_trip(tmp_path, clustering_calls):
+def test_indices_file_round_trip(tmp_path, clustering_counter):
     peft_model = trained_adapter(seed=0)
-    calls = len(clustering_calls)
+    calls = len(clustering_counter.modules)
     path = tmp_path / "indices.safetensors"
     idlora_trl.save_indices(path, get_indices(peft_model), peft_model.peft_config["default"].decomposition_spec())
     again = get_peft_model(make_llama(0), IDLoRAConfig(r=8, num_clusters=2, indices_path=str(path)))
     assert all(torch.equal(get_indices(peft_model)[n], t) for n, t in get_indices(again).items())
-    assert len(clustering_calls) == calls
+    assert len(clustering_counter.modules) == calls
 
 
 def test_transformers_adapter_methods_work_where_the_versions_allow(tmp_path):

@@ -5,7 +5,7 @@ import logging as std_logging
 
 import pytest
 import torch
-from helpers import make_gpt2, make_llama
+from helpers import ClusteringCounter, make_gpt2, make_llama, registered
 from peft import get_peft_model
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging
@@ -34,11 +34,17 @@ class LargestNormRows:
 
 
 @pytest.fixture
-def largest_norm_plugin():
-    plugin = LargestNormRows()
-    get_plugin_manager().register(plugin)
-    yield plugin
-    get_plugin_manager().unregister(plugin)
+def largest_norm_plugin(register_plugin):
+    return register_plugin(LargestNormRows())
+
+
+def test_a_test_plugin_is_unregistered_when_its_block_fails():
+    """`helpers.registered`, under the `register_plugin` fixture and the rank scripts, cleans up on an error too."""
+    plugin = ClusteringCounter()
+    with pytest.raises(RuntimeError, match="the test failed"), registered(plugin):
+        assert get_plugin_manager().is_registered(plugin)
+        raise RuntimeError("the test failed")
+    assert not get_plugin_manager().is_registered(plugin)
 
 
 def test_builtin_strategies_are_plugins():
@@ -74,34 +80,26 @@ def test_unknown_plugin_strategy_is_refused_before_any_clustering(largest_norm_p
         get_peft_model(model, config)
 
 
-def test_a_plugin_can_override_a_builtin_strategy():
+def test_a_plugin_can_override_a_builtin_strategy(register_plugin):
     class FirstRows:
         @hookimpl(tryfirst=True)
         def idlora_select_rows(self, weight, module_name, config):
             return torch.arange(config.num_clusters * config.r).reshape(config.num_clusters, config.r)
 
-    plugin = FirstRows()
-    get_plugin_manager().register(plugin)
-    try:
-        peft_model = get_peft_model(make_llama(), IDLoRAConfig(r=8, num_clusters=2))
-    finally:
-        get_plugin_manager().unregister(plugin)
+    register_plugin(FirstRows())
+    peft_model = get_peft_model(make_llama(), IDLoRAConfig(r=8, num_clusters=2))
     assert all(t.tolist() == [list(range(8)), list(range(8, 16))] for t in get_indices(peft_model).values())
 
 
-def test_a_bad_plugin_answer_is_reported_with_the_module():
+def test_a_bad_plugin_answer_is_reported_with_the_module(register_plugin):
     class WrongShape:
         @hookimpl(tryfirst=True)
         def idlora_select_rows(self, weight, module_name, config):
             return torch.zeros(3, dtype=torch.long)
 
-    plugin = WrongShape()
-    get_plugin_manager().register(plugin)
-    try:
-        with pytest.raises(ValueError, match=r"module 'model\.layers\.\d\.[a-z_.]+' has shape \(3,\)"):
-            get_peft_model(make_llama(), IDLoRAConfig(r=8, num_clusters=2))
-    finally:
-        get_plugin_manager().unregister(plugin)
+    register_plugin(WrongShape())
+    with pytest.raises(ValueError, match=r"module 'model\.layers\.\d\.[a-z_.]+' has shape \(3,\)"):
+        get_peft_model(make_llama(), IDLoRAConfig(r=8, num_clusters=2))
 
 
 class RowNumberWeight:
@@ -120,14 +118,10 @@ class RowNumberWeight:
 
 
 @pytest.mark.parametrize("maker", [make_llama, make_gpt2])
-def test_the_weight_a_context_returns_is_the_one_clustered(largest_norm_plugin, maker):
+def test_the_weight_a_context_returns_is_the_one_clustered(largest_norm_plugin, register_plugin, maker):
     """What `__enter__` returns is clustered, not `module.weight`; a Conv1D weight comes in its stored layout."""
-    plugin = RowNumberWeight()
-    get_plugin_manager().register(plugin)
-    try:
-        peft_model = get_peft_model(maker(), IDLoRAConfig(r=8, num_clusters=2, selection="largest-norm"))
-    finally:
-        get_plugin_manager().unregister(plugin)
+    plugin = register_plugin(RowNumberWeight())
+    peft_model = get_peft_model(maker(), IDLoRAConfig(r=8, num_clusters=2, selection="largest-norm"))
     indices = get_indices(peft_model)
     assert plugin.owners == [0] * len(indices)  # one process: rank 0 reads every weight
     for name, table in indices.items():  # the largest norms are the last rows, whatever the real weight is
@@ -135,7 +129,7 @@ def test_the_weight_a_context_returns_is_the_one_clustered(largest_norm_plugin, 
         assert table.tolist() == torch.arange(d_out - 1, d_out - 17, -1).reshape(2, 8).tolist(), name
 
 
-def test_a_weight_context_without_owner_rank_still_works():
+def test_a_weight_context_without_owner_rank_still_works(register_plugin):
     """An implementation written before `owner_rank` existed: pluggy calls it without the argument, and its
     `__enter__` returns itself (not a tensor), so the core reads `module.weight`."""
 
@@ -158,30 +152,22 @@ def test_a_weight_context_without_owner_rank_still_works():
 
     config = IDLoRAConfig(r=8, num_clusters=2, selection="sequential")
     expected = get_indices(get_peft_model(make_llama(), config))
-    plugin = OldStyle()
-    get_plugin_manager().register(plugin)
-    try:
-        indices = get_indices(get_peft_model(make_llama(), config))
-    finally:
-        get_plugin_manager().unregister(plugin)
+    plugin = register_plugin(OldStyle())
+    indices = get_indices(get_peft_model(make_llama(), config))
     assert plugin.entered == len(expected) == 14
     assert all(torch.equal(indices[name], expected[name]) for name in expected)
 
 
-def test_a_weight_of_the_wrong_shape_from_a_context_is_reported_with_the_module():
+def test_a_weight_of_the_wrong_shape_from_a_context_is_reported_with_the_module(register_plugin):
     class WrongShape:
         @hookimpl(tryfirst=True)
         def idlora_weight_context(self, module, module_name, owner_rank):
             return contextlib.nullcontext(torch.zeros(3, 5))
 
-    plugin = WrongShape()
-    get_plugin_manager().register(plugin)
-    try:
-        with pytest.raises(ValueError, match=r"weight of module 'model\.layers\.\d\.self_attn\.q_proj' on rank 0: "
-                                             r"the weight context gave shape \(3, 5\) for \(64, 64\) rows"):
-            get_peft_model(make_llama(), IDLoRAConfig(r=8, num_clusters=2, target_modules=["q_proj"]))
-    finally:
-        get_plugin_manager().unregister(plugin)
+    register_plugin(WrongShape())
+    with pytest.raises(ValueError, match=r"weight of module 'model\.layers\.\d\.self_attn\.q_proj' on rank 0: "
+                                         r"the weight context gave shape \(3, 5\) for \(64, 64\) rows"):
+        get_peft_model(make_llama(), IDLoRAConfig(r=8, num_clusters=2, target_modules=["q_proj"]))
 
 
 def test_report_logs_the_parameter_table(caplog):

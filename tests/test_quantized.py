@@ -1,7 +1,7 @@
 """ID-LoRA on bitsandbytes 4-bit (nf4, fp4) and 8-bit bases, QLoRA-style, with real bitsandbytes on the CPU: the
 rows clustered are those of the dequantized weight (the same indices as a float model holding those weights),
 training moves only the adapter, and a saved adapter loads onto a fresh quantized base with the same outputs.
-(Other quantization schemes are refused by name: tests/test_errors.py.)"""
+(Other quantization schemes are refused by name: tests/test_library_errors.py.)"""
 
 import pytest
 import torch

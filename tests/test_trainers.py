@@ -12,7 +12,6 @@ from trl import DPOConfig, SFTConfig
 
 from idlora_trl import IDLoRAConfig, IDLoRADPOTrainer, IDLoRASFTTrainer, get_indices
 from idlora_trl.hookspecs import hookimpl
-from idlora_trl.plugins import get_plugin_manager
 from idlora_trl.trainers import resolve_peft_config
 
 CPU = dict(use_cpu=True, bf16=False, gradient_checkpointing=False, report_to="none", save_strategy="no",
@@ -173,17 +172,13 @@ class EveryOtherRow:
 
 
 @pytest.mark.parametrize("trainer_cls", [IDLoRASFTTrainer, IDLoRADPOTrainer])
-def test_third_party_plugin_rows_are_used_by_both_trainers(tmp_path, trainer_cls):
-    plugin = EveryOtherRow()
-    get_plugin_manager().register(plugin)
-    try:
-        tok = make_tokenizer()
-        config_cls, data = (SFTConfig, sft_dataset()) if trainer_cls is IDLoRASFTTrainer else (DPOConfig, dpo_dataset())
-        trainer = trainer_cls(make_chat_llama(tok), args=config_cls(output_dir=str(tmp_path), max_steps=1, **CPU),
-                              train_dataset=data, processing_class=tok, peft_config=idlora(selection="every-other"))
-        trainer.train()
-    finally:
-        get_plugin_manager().unregister(plugin)
+def test_third_party_plugin_rows_are_used_by_both_trainers(tmp_path, register_plugin, trainer_cls):
+    register_plugin(EveryOtherRow())
+    tok = make_tokenizer()
+    config_cls, data = (SFTConfig, sft_dataset()) if trainer_cls is IDLoRASFTTrainer else (DPOConfig, dpo_dataset())
+    trainer = trainer_cls(make_chat_llama(tok), args=config_cls(output_dir=str(tmp_path), max_steps=1, **CPU),
+                          train_dataset=data, processing_class=tok, peft_config=idlora(selection="every-other"))
+    trainer.train()
     tables = get_indices(trainer.accelerator.unwrap_model(trainer.model))
     assert len(tables) == 14
     assert all(t.tolist() == [list(range(0, 16, 2)), list(range(16, 32, 2))] for t in tables.values())

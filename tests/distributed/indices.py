@@ -27,18 +27,7 @@ import time
 from pathlib import Path
 
 from common import CPU_CONFIG, WeightContextProbe, hookimpl, idlora_config, init_deepspeed, shutdown
-
-
-class CountClustering:
-    """Records which modules this rank clusters; leaves the answer to the built-in strategies."""
-
-    def __init__(self) -> None:
-        self.modules: list[str] = []
-
-    @hookimpl(tryfirst=True)
-    def idlora_select_rows(self, weight, module_name, config):
-        self.modules.append(module_name)
-        return None
+from helpers import ClusteringCounter, make_llama, registered
 
 
 class FailOnRank:
@@ -79,25 +68,35 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
+    counter = ClusteringCounter()  # which modules this rank clusters
+    with registered(counter, name="test-count"):
+        if args.fail_rank is None:
+            plain_ddp(out, counter)
+            counter.modules.clear()
+        zero3(args, out, counter)
+
+
+def plain_ddp(out: Path, counter: ClusteringCounter) -> None:
+    """Step 1: plain `torch.distributed` (gloo), no DeepSpeed."""
     import torch
     import torch.distributed as dist
-    from helpers import make_llama
     from peft import get_peft_model
 
     from idlora_trl import get_indices
-    from idlora_trl.plugins import get_plugin_manager
 
-    manager = get_plugin_manager()
-    counter = CountClustering()
-    manager.register(counter, name="test-count")
+    dist.init_process_group("gloo")  # plain DDP-style process group, no DeepSpeed
+    rank = dist.get_rank()
+    model = get_peft_model(make_llama(seed=0), idlora_config())
+    torch.save({"indices": get_indices(model), "clustered_here": list(counter.modules),
+                "deepspeed_imported": "deepspeed" in sys.modules}, out / f"ddp_rank{rank}.pt")
 
-    if args.fail_rank is None:
-        dist.init_process_group("gloo")  # plain DDP-style process group, no DeepSpeed
-        rank = dist.get_rank()
-        model = get_peft_model(make_llama(seed=0), idlora_config())
-        torch.save({"indices": get_indices(model), "clustered_here": list(counter.modules),
-                    "deepspeed_imported": "deepspeed" in sys.modules}, out / f"ddp_rank{rank}.pt")
-        counter.modules.clear()
+
+def zero3(args: argparse.Namespace, out: Path, counter: ClusteringCounter) -> None:
+    """Step 2: ZeRO-3, or with `--fail-rank` a failure injected on one rank."""
+    import torch
+    from peft import get_peft_model
+
+    from idlora_trl import get_indices
 
     rank, world = init_deepspeed()  # reuses the process group if there is one
     from idlora_trl import skeleton
@@ -122,21 +121,19 @@ def main() -> None:
             model.load_state_dict(reference.state_dict())
     del reference
     if args.fail_rank is not None:
-        manager.register(FailOnRank(args.fail_rank, args.crash), name="test-fail")
-        start = time.perf_counter()
-        try:
-            get_peft_model(model, idlora_config())
-        except Exception as error:
-            (out / f"error_rank{rank}.txt").write_text(
-                f"{type(error).__name__}: {error}\nafter {time.perf_counter() - start:.2f} s\n")
-            raise
+        with registered(FailOnRank(args.fail_rank, args.crash), name="test-fail"):
+            start = time.perf_counter()
+            try:
+                get_peft_model(model, idlora_config())
+            except Exception as error:
+                (out / f"error_rank{rank}.txt").write_text(
+                    f"{type(error).__name__}: {error}\nafter {time.perf_counter() - start:.2f} s\n")
+                raise
         (out / f"no_error_rank{rank}.txt").write_text("get_peft_model returned")
         return
     q_proj = model.model.layers[0].self_attn.q_proj
-    probe = WeightContextProbe(keep=True)
-    manager.register(probe, name="test-probe")
-    model = get_peft_model(model, idlora_config())
-    manager.unregister(probe)
+    with registered(WeightContextProbe(keep=True), name="test-probe") as probe:
+        model = get_peft_model(model, idlora_config())
     facts = {"indices": get_indices(model), "clustered_here": list(counter.modules),
              "still_partitioned": tuple(q.shape) == (0,), "contexts": probe.records, "gathered": probe.gathered}
     # 35 elements over 2 ranks: shards of 18, the last one padded. The partition's dtype comes from the config (bf16

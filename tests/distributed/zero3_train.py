@@ -34,7 +34,7 @@ def main() -> None:
     rank, world = init_deepspeed()
     import deepspeed
     import torch
-    from helpers import make_tokenizer
+    from helpers import make_tokenizer, registered
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
     from transformers import AutoModelForCausalLM, TrainerCallback, set_seed
     from trl import DPOConfig, SFTConfig
@@ -44,10 +44,7 @@ def main() -> None:
     from idlora_trl.skeleton import idlora_layers
 
     facts: dict = {"rank": rank, "world": world}
-    manager = get_plugin_manager()
-    facts["plugins"] = sorted(name for name, _ in manager.list_name_plugin())
-    probe = WeightContextProbe()
-    manager.register(probe, name="test-probe")
+    facts["plugins"] = sorted(name for name, _ in get_plugin_manager().list_name_plugin())
 
     common = dict(output_dir=str(out / "trainer"), deepspeed=BF16_CONFIG if args.bf16 else CPU_CONFIG,
                   use_cpu=True, bf16=args.bf16,
@@ -96,8 +93,9 @@ def main() -> None:
 
     check = PartitionCheck()
     start = time.perf_counter()
-    trainer = trainer_cls(model, args=config, train_dataset=data, processing_class=tok,
-                          peft_config=idlora_config(), callbacks=[check])
+    with registered(WeightContextProbe(), name="test-probe") as probe:  # sees the decomposition (in the trainer)
+        trainer = trainer_cls(model, args=config, train_dataset=data, processing_class=tok,
+                              peft_config=idlora_config(), callbacks=[check])
     facts["wrap_s"] = time.perf_counter() - start
     facts["weight_contexts"] = probe.records
     facts["peak_gathered_bytes"] = probe.peak_live_bytes

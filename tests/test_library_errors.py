@@ -1,4 +1,6 @@
-"""Every bad input named in the core issue ends in a clear error that names the module/value and the fix."""
+"""Bad input to the library (configs, target modules, weights, index files, adapters, quantization schemes): every
+case named in the core issue ends in a clear error that names the module/value and the fix. (Bad input to the
+command: test_cli_errors.py.)"""
 
 import pytest
 import torch

@@ -1,7 +1,7 @@
 """Launching the rank scripts of tests/distributed/ with `torchrun` (2 processes, CPU, gloo), bounded in time,
 and the hash by which ranks and tests compare index tables.
 
-Used by tests/test_distributed.py and tests/test_distributed_cli.py.
+Used by tests/test_distributed.py and tests/test_cli_distributed.py.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Checkpoints and resume in one process: `--save_steps N` writes checkpoints holding the adapter with its index
 tables, and `--resume_from_checkpoint` continues from one without clustering again and ends with the adapter of
-the uninterrupted run. (Two ZeRO-3 ranks: test_distributed_cli.py.)"""
+the uninterrupted run. (Two ZeRO-3 ranks: test_cli_distributed.py.)"""
 
 import re
 

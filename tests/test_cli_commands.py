@@ -1,5 +1,5 @@
 """The `idlora-trl` command line: `count` on the meta device, the demo on the real model. (Bad input:
-test_cli_errors.py; training: test_train_cli.py.)"""
+test_cli_errors.py; training: test_cli_training.py.)"""
 
 from pathlib import Path
 

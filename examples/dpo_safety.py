@@ -50,10 +50,10 @@ def main() -> None:
     d = DPO_DEFAULTS
     training_args = DPOConfig(
         output_dir=args.output_dir, max_steps=2 if args.tiny else d["max_steps"],
-        per_device_train_batch_size=d["batch_size"], beta=d["beta"],
+        per_device_train_batch_size=d["per_device_train_batch_size"], beta=d["beta"],
         # DPO plus an NLL term on the chosen reply (RPO): plain DPO drives both replies' likelihood down on a
         # model this small and garbles its generations.
-        loss_type=list(d["loss_type"]), learning_rate=d["learning_rate"], lr_scheduler_type=d["lr_scheduler"],
+        loss_type=list(d["loss_type"]), learning_rate=d["learning_rate"], lr_scheduler_type=d["lr_scheduler_type"],
         warmup_steps=d["warmup_steps"], logging_steps=1 if args.tiny else d["logging_steps"],
         max_length=d["max_length"], use_cpu=not cuda, bf16=args.bf16, deepspeed=args.deepspeed,
         report_to="none", save_strategy="no", seed=0, **NO_CHECKPOINTING)
@@ -67,7 +67,7 @@ def main() -> None:
     reply_tokens = 4 if args.tiny else 24
     before = refusal_rates(model, tokenizer, prompts, max_new_tokens=reply_tokens)
 
-    peft_config = IDLoRAConfig(r=8 if args.tiny else d["r"], num_clusters=2 if args.tiny else 4,
+    peft_config = IDLoRAConfig(r=8 if args.tiny else d["idlora_r"], num_clusters=2 if args.tiny else 4,
                                target_modules=DEFAULT_TARGETS.split(","), task_type="CAUSAL_LM")
     columns = ["prompt", "chosen", "rejected"]
     trainer = IDLoRADPOTrainer(

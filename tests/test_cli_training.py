@@ -171,11 +171,12 @@ def test_main_job_defaults_are_the_settings_in_trl_names():
     args = sft.training
     assert (args.learning_rate, args.max_steps, args.per_device_train_batch_size, args.lr_scheduler_type,
             args.warmup_steps, args.max_length, args.logging_steps, args.output_dir) == (
-        SFT_DEFAULTS["learning_rate"], SFT_DEFAULTS["max_steps"], SFT_DEFAULTS["batch_size"],
-        SFT_DEFAULTS["lr_scheduler"], SFT_DEFAULTS["warmup_steps"], SFT_DEFAULTS["max_length"],
+        SFT_DEFAULTS["learning_rate"], SFT_DEFAULTS["max_steps"], SFT_DEFAULTS["per_device_train_batch_size"],
+        SFT_DEFAULTS["lr_scheduler_type"], SFT_DEFAULTS["warmup_steps"], SFT_DEFAULTS["max_length"],
         SFT_DEFAULTS["logging_steps"], SFT_DEFAULTS["output_dir"])
     assert (args.bf16, args.gradient_checkpointing, args.use_cpu, args.seed) == (False, False, True, 0)
-    assert sft.idlora.idlora_r == SFT_DEFAULTS["r"] and sft.job.eval_samples == SFT_DEFAULTS["eval_samples"]
+    assert args.seed == SFT_DEFAULTS["seed"] == dpo.training.seed == DPO_DEFAULTS["seed"]
+    assert sft.idlora.idlora_r == SFT_DEFAULTS["idlora_r"] and sft.job.eval_samples == SFT_DEFAULTS["eval_samples"]
     assert sft.model.lora_target_modules == DEFAULT_TARGETS.split(",") and sft.model.model_name_or_path is None
     assert (dpo.training.beta, dpo.training.learning_rate, list(dpo.training.loss_type)) == (
         DPO_DEFAULTS["beta"], DPO_DEFAULTS["learning_rate"], list(DPO_DEFAULTS["loss_type"]))

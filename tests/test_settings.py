@@ -55,7 +55,7 @@ def test_the_flags_are_the_config_fields(command):
         assert action.choices == (list(item.choices) if item.choices else None) or \
             tuple(action.choices or ()) == (item.choices or ()), item.name
     r = found["idlora_r"].default
-    assert r == (128 if command == "count" else SFT_DEFAULTS["r"])
+    assert r == (128 if command == "count" else SFT_DEFAULTS["idlora_r"])
 
 
 def test_axolotl_block_is_derived_from_the_config_fields():

@@ -17,7 +17,7 @@ def add_arguments(parser) -> None:
     g.add_argument("--quality-p", type=int, default=8, help="LoRA/DoRA rank p; ID-LoRA gets 4p, VeRA 32p")
     g.add_argument("--quality-steps", type=int, default=SFT_DEFAULTS["max_steps"] // 2,
                    help="optimizer steps per run (half the main job's: the protocol must fit ~3 h on 2 cores)")
-    g.add_argument("--quality-batch", type=int, default=SFT_DEFAULTS["batch_size"] // 2,
+    g.add_argument("--quality-batch", type=int, default=SFT_DEFAULTS["per_device_train_batch_size"] // 2,
                    help="rows per step (half the main job's, for the same reason)")
     g.add_argument("--grid", default="2.5e-4,5e-4,1e-3,2e-3,4e-3", help="learning rates, log-spaced by a fixed factor")
     g.add_argument("--grid-seeds", type=int, default=2, help="training seeds per grid point")
@@ -112,7 +112,7 @@ def _bench(args):
         base, tokenizer, label = smollm2()
         train = sft_dataset("train")
     setup = dict(model=label, targets=targets, p=args.quality_p, steps=args.quality_steps, batch=args.quality_batch,
-                 scheduler=SFT_DEFAULTS["lr_scheduler"], warmup=SFT_DEFAULTS["warmup_steps"],
+                 scheduler=SFT_DEFAULTS["lr_scheduler_type"], warmup=SFT_DEFAULTS["warmup_steps"],
                  max_length=SFT_DEFAULTS["max_length"], data="sft-v2", validation=len(validation), test=len(test))
     return Bench(base, tokenizer, train.select_columns(["prompt", "completion"]), validation, test, setup,
                  args.quality_dir, args.work_dir, log=log), _min_d_out(base, targets)

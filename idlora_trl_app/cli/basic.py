@@ -45,7 +45,7 @@ class DemoArguments:
 
 COMMANDS = {  # name: (help, its dataclasses, its defaults)
     "decompose": ("cluster a model once and write its ID-LoRA index file", (DecomposeArguments,),
-                  dict(idlora_r=SFT_DEFAULTS["r"], lora_target_modules=DEFAULT_TARGETS.split(","))),
+                  dict(idlora_r=SFT_DEFAULTS["idlora_r"], lora_target_modules=DEFAULT_TARGETS.split(","))),
     "count": ("parameter table of ID-LoRA against LoRA and DoRA, on the meta device", (), dict(idlora_r=128)),
     "demo": ("adapt SmolLM2-135M with ID-LoRA, print the table, save and reload", (DemoArguments,), {}),
 }

@@ -3,12 +3,14 @@
 The dataclasses are TRL's own (`ScriptArguments`, `SFTConfig` or `DPOConfig`, `ModelConfig`), the ID-LoRA settings
 (`idlora_trl.settings.IDLoRAArguments`, derived from `IDLoRAConfig`'s fields) and the main job's few options of its
 own (`SFTJobArguments`, `DPOJobArguments`). So every TRL option works under TRL's name, a TRL-style YAML file works
-with `--config FILE` (flags override it), and the main job's defaults (`SFT_DEFAULTS`, `DPO_DEFAULTS`) replace
-TRL's where they differ. Bad input is a `UsageError`: one line that names the option and the fix.
+with `--config FILE` (flags override it), and the main job's defaults (`SFT_DEFAULTS`, `DPO_DEFAULTS`, under the
+options' own names) replace TRL's where they differ. Bad input is a `UsageError`: one line that names the option and
+the fix.
 """
 
 from __future__ import annotations
 
+import copy
 import difflib
 import importlib.util
 import os
@@ -18,7 +20,7 @@ from typing import Any, Optional
 
 from idlora_trl.settings import IDLoRAArguments
 
-from ..defaults import DEFAULT_TARGETS, DPO_DEFAULTS, SFT_DEFAULTS
+from ..defaults import DPO_DEFAULTS, SFT_DEFAULTS
 from .common import UsageError, first_line
 
 __all__ = ["DPOJobArguments", "Run", "SFTJobArguments", "parse_training", "parse_with", "parser_class"]
@@ -114,16 +116,11 @@ def cuda_available() -> bool:
 
 
 def main_job_defaults(command: str) -> dict:
-    """The parser defaults that differ from TRL's: the main job's (`SFT_DEFAULTS` / `DPO_DEFAULTS`), in TRL's names."""
-    d = SFT_DEFAULTS if command == "sft" else DPO_DEFAULTS
-    out = dict(idlora_r=d["r"], learning_rate=d["learning_rate"], lr_scheduler_type=d["lr_scheduler"],
-               warmup_steps=d["warmup_steps"], max_steps=d["max_steps"], per_device_train_batch_size=d["batch_size"],
-               max_length=d["max_length"], logging_steps=d["logging_steps"], eval_samples=d["eval_samples"],
-               output_dir=d["output_dir"], lora_target_modules=DEFAULT_TARGETS.split(","), logging_first_step=True,
-               disable_tqdm=True, lora_r=None, lora_alpha=None, lora_dropout=None,
-               seed=0)  # the main job's seed (TRL's is 42): the built-in data's order and the figures of the README
-    if command == "dpo":
-        out.update(beta=d["beta"], loss_type=list(d["loss_type"]))
+    """The parser defaults that differ from TRL's: the main job's (`SFT_DEFAULTS` / `DPO_DEFAULTS`, under the options'
+    own names), and what the command sets whatever the job: its own printer, and ModelConfig's LoRA options unset (so
+    that one given is seen and refused)."""
+    out = dict(copy.deepcopy(SFT_DEFAULTS if command == "sft" else DPO_DEFAULTS), logging_first_step=True,
+               disable_tqdm=True, lora_r=None, lora_alpha=None, lora_dropout=None)
     if not cuda_available():  # TRL's defaults are for GPUs: bf16 is 50-75x slower than fp32 on most CPUs
         out.update(use_cpu=True, bf16=False)
     return out

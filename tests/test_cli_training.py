@@ -14,8 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from idlora_trl_app.cli import main
-from idlora_trl_app.cli.parser import parse_training
+from idlora_trl_app.cli import main, parse
 from idlora_trl.indices import read_indices
 from idlora_trl_app.defaults import DEFAULT_TARGETS, DPO_DEFAULTS, SFT_DEFAULTS
 
@@ -165,8 +164,8 @@ def test_main_job_defaults_are_the_settings_in_trl_names():
     no warning (the gradient_checkpointing FutureWarning of newer transformers is not shown)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        sft = parse_training("sft", [])
-        dpo = parse_training("dpo", [])
+        sft = parse("sft", [])
+        dpo = parse("dpo", [])
     assert not [w for w in caught if "checkpointing" in str(w.message)], [str(w.message) for w in caught]
     args = sft.training
     assert (args.learning_rate, args.max_steps, args.per_device_train_batch_size, args.lr_scheduler_type,
@@ -186,13 +185,13 @@ def test_trl_options_work_under_trls_names(tmp_path):
     """Every field of TRL's dataclasses is an option, and the ones a real run needs reach the trainer's config."""
     from trl import ModelConfig, ScriptArguments, SFTConfig
 
-    from idlora_trl_app.cli.parser import _make_parser
+    from idlora_trl_app.cli import sft
 
-    dests = {action.dest for action in _make_parser("sft")._actions}
+    dests = {action.dest for action in sft.make_parser()._actions}
     for cls in (ScriptArguments, SFTConfig, ModelConfig):
         missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in dests]
         assert not missing, (cls.__name__, missing)
-    run = parse_training("sft", [
+    run = parse("sft", [
         "--num_train_epochs", "2", "--max_steps", "-1", "--save_strategy", "steps", "--save_steps", "7",
         "--report_to", "none", "--gradient_checkpointing", "true", "--eval_strategy", "steps",
         "--eval_steps", "5", "--resume_from_checkpoint", "ckpt", "--dataset_name", "data.jsonl",
@@ -214,26 +213,28 @@ def test_config_file_in_trl_format_and_flags_override(tmp_path):
     path.write_text(yaml.safe_dump({
         "max_steps": 7, "learning_rate": 0.004, "lora_target_modules": ["q_proj", "v_proj"], "idlora_router": "static",
         "per_device_train_batch_size": 3, "idlora_num_clusters": 2, "env": {"IDLORA_TEST_ENV": "from-config"}}))
-    run = parse_training("sft", ["--config", str(path), "--per_device_train_batch_size", "8"])
+    run = parse("sft", ["--config", str(path), "--per_device_train_batch_size", "8"])
     assert (run.training.max_steps, run.training.learning_rate, run.idlora.idlora_router) == (7, 0.004, "static")
     assert run.model.lora_target_modules == ["q_proj", "v_proj"] and run.idlora.idlora_num_clusters == 2
     assert run.training.per_device_train_batch_size == 8  # the flag beats the file (8 is also the default)
     assert os.environ.pop("IDLORA_TEST_ENV") == "from-config"  # TrlParser's `env:` block
-    assert parse_training("sft", []).training.max_steps == SFT_DEFAULTS["max_steps"]  # no file: the defaults
+    assert parse("sft", []).training.max_steps == SFT_DEFAULTS["max_steps"]  # no file: the defaults
 
 
 def test_hyphenated_spellings_and_launcher_arguments_are_accepted():
     """HfArgumentParser takes --max-steps for --max_steps; the deepspeed launcher adds --local_rank=N."""
-    run = parse_training("dpo", ["--max-steps", "5", "--idlora-r", "16", "--local_rank=0"])
+    run = parse("dpo", ["--max-steps", "5", "--idlora-r", "16", "--local_rank=0"])
     assert (run.training.max_steps, run.idlora.idlora_r) == (5, 16)
 
 
 def test_router_norm_and_pmrc_qr_reach_the_config():
-    from idlora_trl_app.cli.train import _peft_config
+    from idlora_trl_app.cli.adapter_config import peft_config
 
-    config = _peft_config(parse_training("sft", ["--idlora_router_norm", "rms", "--idlora_selection", "pmrc-qr"]))
+    run = parse("sft", ["--idlora_router_norm", "rms", "--idlora_selection", "pmrc-qr"])
+    config = peft_config(run.idlora, run.model)
     assert (config.router_norm, config.selection) == ("rms", "pmrc-qr")
-    default = _peft_config(parse_training("sft", []))
+    default = parse("sft", [])
+    default = peft_config(default.idlora, default.model)
     assert default.router_norm == "none" and default.target_modules == set(DEFAULT_TARGETS.split(","))
 
 

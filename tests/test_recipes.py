@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from launch import free_port
 
-from idlora_trl_app.cli.parser import _make_parser, parse_training
-from idlora_trl_app.cli.train import _peft_config
+from idlora_trl_app.cli import command_module, parse
+from idlora_trl_app.cli.adapter_config import peft_config
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "examples" / "recipes"
@@ -29,8 +29,8 @@ def test_table_3_recipe_is_the_papers_setting(capsys):
 
     from idlora_trl.counting import count_parameters, format_parameter_table, meta_model
 
-    run = parse_training("sft", ["--config", str(RECIPES / "sft_llama32_3b_table3.yaml")])
-    config = _peft_config(run)
+    run = parse("sft", ["--config", str(RECIPES / "sft_llama32_3b_table3.yaml")])
+    config = peft_config(run.idlora, run.model)
     assert (config.r, config.num_clusters, config.rank_boost, set(config.target_modules)) == (128, 4, 2, ALL_SEVEN)
     assert run.model.model_name_or_path == "meta-llama/Llama-3.2-3B" and run.training.bf16
     assert run.training.save_steps == 500 and run.training.save_total_limit == 3
@@ -40,11 +40,11 @@ def test_table_3_recipe_is_the_papers_setting(capsys):
 
 
 def test_safety_dpo_recipe():
-    run = parse_training("dpo", ["--config", str(RECIPES / "dpo_safety.yaml")])
+    run = parse("dpo", ["--config", str(RECIPES / "dpo_safety.yaml")])
     t = run.training
     assert (t.beta, list(t.loss_type), t.num_train_epochs, t.max_steps) == (0.1, ["sigmoid", "sft"], 2, -1)
     assert run.script.dataset_name.endswith(".jsonl") and run.job.eval_dataset.endswith(".jsonl")
-    assert _peft_config(run).r == 32
+    assert peft_config(run.idlora, run.model).r == 32
 
 
 def test_zero3_recipe_builds_its_deepspeed_config():
@@ -54,8 +54,8 @@ def test_zero3_recipe_builds_its_deepspeed_config():
         "import importlib, json, sys\n"
         "importlib.import_module('deepspeed.comm.torch').build_shm_op = lambda: None\n"
         "from transformers.integrations import is_deepspeed_zero3_enabled\n"
-        "from idlora_trl_app.cli.parser import parse_training\n"
-        "run = parse_training('sft', ['--config', sys.argv[1]])\n"
+        "from idlora_trl_app.cli import parse\n"
+        "run = parse('sft', ['--config', sys.argv[1]])\n"
         "t = run.training\n"
         "print(json.dumps(dict(zero3=is_deepspeed_zero3_enabled(), deepspeed=t.deepspeed, bf16=t.bf16,\n"
         "    stage=t.hf_deepspeed_config.config['zero_optimization']['stage'], save_steps=t.save_steps,\n"
@@ -75,7 +75,8 @@ def test_zero3_recipe_builds_its_deepspeed_config():
 # ------------------------------------------------------------------------------------------ launchers
 def every_option(command: str) -> list[str]:
     """Each long option of `idlora-trl COMMAND` followed by a value, as a launcher would see them."""
-    options = [s for a in _make_parser(command)._actions for s in a.option_strings if s.startswith("--")]
+    actions = command_module(command).make_parser()._actions
+    options = [s for a in actions for s in a.option_strings if s.startswith("--")]
     return [item for option in options if option != "--help" for item in (option, "1")]
 
 

@@ -18,9 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def parser_of(command):
     """The `trl.TrlParser` of an `idlora-trl` subcommand."""
-    from idlora_trl_app.cli import basic, parser
+    from idlora_trl_app.cli import command_module
 
-    return parser._make_parser(command) if command in ("sft", "dpo") else basic.make_parser(command)
+    return command_module(command).make_parser()
 
 
 def actions(parser):

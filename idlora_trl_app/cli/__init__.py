@@ -9,9 +9,18 @@
 - `idlora-trl count`: the parameter table of ID-LoRA against LoRA and DoRA, on the meta device.
 - `idlora-trl demo`: adapt the embedded model, print the table, save and reload without re-clustering.
 
-Bad input ends with a one-line error and exit status 2, never a traceback. Modules: `common` (the error type, the
-ID-LoRA config), `parser` (the TRL parsers), `runtime` (model, data, trainer set-up), `train` (`sft`, `dpo`),
-`basic` (`decompose`, `count`, `demo`), `report` (the picture).
+Bad input ends with a one-line error and exit status 2, never a traceback.
+
+Each command is a module in the shape of TRL's `trl/scripts/sft.py`: a usage docstring, `make_parser(subparsers=None)`
+and `main(...)`, which takes the parsed dataclasses: `sft`, `dpo`, `decompose`, `count`, `demo`. What they use:
+- `training`: the parser of `sft` / `dpo` and the run around TRL's trainer, written once (evaluate before, build
+  the trainer, train, save, summarise, evaluate after, draw); `main_job`: the embedded SmolLM2 and the built-in data,
+  used where no model or no dataset is given; `training_data`: the user's datasets; `model`: loading the model;
+  `trainer`: building the ID-LoRA trainer (indices from a checkpoint, an index file, the index cache, or clustering)
+  and saving the adapter; `checkpoints`: `--resume_from_checkpoint`; `printing`: what rank 0 prints; `picture`:
+  `run.png`; `distributed`: ranks, DeepSpeed's start-up, the process group;
+- `arguments`: the `trl.TrlParser` of every command, its help texts and checks, `--config` files; `adapter_config`:
+  the `IDLoRAConfig` of the `--idlora_*` options; `errors`: the one-line error.
 """
 
 from __future__ import annotations
@@ -21,9 +30,9 @@ import os
 import sys
 import warnings
 
-from .common import UsageError
+from .errors import UsageError
 
-__all__ = ["COMMANDS", "UsageError", "main"]
+__all__ = ["COMMANDS", "UsageError", "main", "parse"]
 
 COMMANDS = {
     "sft": "ID-LoRA SFT with TRL (default: SmolLM2-135M on the built-in multi-task mix)",
@@ -48,34 +57,29 @@ def _top_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_module(command: str):
+    """The module of `idlora-trl COMMAND`: its `make_parser()` and `main(...)`."""
+    from . import count, decompose, demo, dpo, sft
+
+    return {"sft": sft, "dpo": dpo, "decompose": decompose, "count": count, "demo": demo}[command]
+
+
+def parse(command: str, argv: list[str]) -> tuple:
+    """The parsed dataclasses of `idlora-trl COMMAND ARGV` (flags, `--config FILE`), the arguments of the command's
+    `main`; for `sft` / `dpo` a `training.Arguments` (`.script`, `.training`, ...). Raises `UsageError`."""
+    from .arguments import parse_with
+
+    parsed = parse_with(command_module(command).make_parser(), argv)
+    if command in ("sft", "dpo"):
+        from .training import Arguments
+
+        return Arguments(*parsed)
+    return parsed
+
+
 def run(command: str, argv: list[str]) -> None:
     """Parse and run one subcommand; raises `UsageError` for bad input."""
-    if command in ("sft", "dpo"):
-        from .parser import parse_training
-        from .train import cmd_dpo, cmd_sft
-
-        parsed = parse_training(command, argv)
-        (cmd_sft if command == "sft" else cmd_dpo)(parsed)
-    else:
-        from . import basic
-
-        getattr(basic, f"cmd_{command}")(argv)
-
-
-def quiet_deepspeed_on_cpu() -> None:
-    """accelerate imports DeepSpeed wherever it is installed (`extract_model_from_parallel`, called by TRL's trainers),
-    and DeepSpeed then warns "Setting accelerator to CPU" on a machine without GPUs, although no DeepSpeed is used.
-    Naming the CPU accelerator, which DeepSpeed's own detection would pick there, keeps it quiet."""
-    import importlib.util
-
-    import torch
-
-    others = ("intel_extension_for_pytorch", "torch_npu", "habana_frameworks", "torch_sdaa", "torch_mlu")
-    if ("DS_ACCELERATOR" in os.environ or torch.cuda.is_available() or torch.backends.mps.is_available()
-            or (hasattr(torch, "xpu") and torch.xpu.is_available())
-            or any(importlib.util.find_spec(name) for name in others)):
-        return
-    os.environ["DS_ACCELERATOR"] = "cpu"
+    command_module(command).main(*parse(command, argv))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -87,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] not in COMMANDS:
         _top_parser().parse_args(argv[:1] or ["--help"])  # help, or a one-line error for an unknown command
     command = argv[0]
+    from .distributed import quiet_deepspeed_on_cpu
+
     quiet_deepspeed_on_cpu()
     try:
         run(command, argv[1:])

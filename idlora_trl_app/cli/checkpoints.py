@@ -15,8 +15,8 @@ import os
 import re
 from typing import Optional
 
-from .common import UsageError
-from .runtime import say
+from .errors import UsageError
+from .printing import say
 
 TRAINER_STATE = "trainer_state.json"
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")

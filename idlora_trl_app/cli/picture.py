@@ -22,25 +22,26 @@ MISSING = ("no picture of the run: matplotlib is not installed (pip install 'idl
            "skip the picture)")
 
 
-def write_picture(run, logs: list[dict], metric: str, before: dict, after: dict) -> Optional[str]:
-    """Draw the run into `<output_dir>/run.png` and return its absolute path; None without matplotlib (an optional
-    dependency, the `plot` extra), after saying so."""
+def write_picture(command: str, output_dir: str, logs: list[dict], metric: str, before: dict,
+                  after: dict) -> Optional[str]:
+    """Draw the run of `idlora-trl COMMAND` into `<output_dir>/run.png` and return its absolute path; None without
+    matplotlib (an optional dependency, the `plot` extra), after saying so."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        from .runtime import say
+        from .printing import say
 
         say(MISSING)
         return None
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    dpo = run.command == "dpo"
+    dpo = command == "dpo"
     panels = 3 if dpo else 2
     figure = Figure(figsize=(5.2 * panels, 4.0), dpi=100, layout="constrained")
     canvas = FigureCanvasAgg(figure)
     axes = figure.subplots(1, panels)
-    title = f"idlora-trl {run.command}: {os.path.basename(os.path.normpath(run.training.output_dir))}"
+    title = f"idlora-trl {command}: {os.path.basename(os.path.normpath(output_dir))}"
     figure.suptitle(title)
 
     loss = axes[0]
@@ -83,7 +84,7 @@ def write_picture(run, logs: list[dict], metric: str, before: dict, after: dict)
         held_out.set_xticks([])
     held_out.set(title=f"{metric[:1].upper()}{metric[1:]}, before and after", ylabel=metric)  # "held-out accuracy"
 
-    os.makedirs(run.training.output_dir, exist_ok=True)
-    path = os.path.abspath(os.path.join(run.training.output_dir, FILE_NAME))
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.abspath(os.path.join(output_dir, FILE_NAME))
     canvas.print_png(path)
     return path

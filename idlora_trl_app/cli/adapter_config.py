@@ -1,8 +1,9 @@
-"""What every `idlora-trl` subcommand shares: the one-line error type, and the `IDLoRAConfig` of the parsed ID-LoRA
-settings (`idlora_trl.settings.IDLoRAArguments`, the `--idlora_*` options) and target modules."""
+"""The `IDLoRAConfig` of a command line: the parsed ID-LoRA settings (`idlora_trl.settings.IDLoRAArguments`, the
+`--idlora_*` options) with TRL's `--lora_target_modules` and `--lora_modules_to_save`."""
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Optional, Sequence
 
@@ -10,14 +11,7 @@ from idlora_trl.decomposition import SELECTIONS
 from idlora_trl.plugins import check_selection
 from idlora_trl.settings import METHOD_FIELDS, flag_name, make_config
 
-
-class UsageError(Exception):
-    """A problem with what the user asked for: reported in one line, exit status 2."""
-
-
-def first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+from .errors import UsageError, first_line
 
 
 def target_list(targets) -> str | list[str]:
@@ -41,6 +35,15 @@ def idlora_config(idlora, targets, modules_to_save: Optional[Sequence[str]] = No
         return config
     except ValueError as error:
         raise UsageError(_name_the_option(first_line(error))) from None
+
+
+def peft_config(idlora_args, model_args):
+    """The training commands' config: `--idlora_*` with `trl.ModelConfig`'s targets, its index file checked."""
+    config = idlora_config(idlora_args, model_args.lora_target_modules, model_args.lora_modules_to_save)
+    path = config.indices_path
+    if path is not None and not os.path.exists(path):
+        raise UsageError(f"--idlora_indices_path {path!r} does not exist; write one with `idlora-trl decompose`")
+    return config
 
 
 def _name_the_option(text: str) -> str:

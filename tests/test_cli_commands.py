@@ -52,6 +52,26 @@ def test_top_level_help_lists_the_commands(capsys):
     assert all(name in out for name in ("sft", "dpo", "decompose", "count", "demo"))
 
 
+def test_every_command_is_a_module_in_trls_shape():
+    """Like `trl/scripts/sft.py`: each command's module has a usage docstring, `main` and `make_parser(subparsers=None)`,
+    which builds the parser alone or adds it to a top-level parser's subparsers, as `trl`'s own command does."""
+    import argparse
+
+    from idlora_trl_app.cli import COMMANDS, command_module
+    from idlora_trl_app.cli.arguments import command_parser_class
+
+    top = argparse.ArgumentParser(prog="idlora-trl")
+    subparsers = top.add_subparsers(dest="command", parser_class=command_parser_class())
+    for name in COMMANDS:
+        module = command_module(name)
+        assert f"idlora-trl {name}" in module.__doc__ and callable(module.main)
+        alone, added = module.make_parser(), module.make_parser(subparsers)
+        assert alone.prog == added.prog == f"idlora-trl {name}" and alone.description == added.description
+    assert list(subparsers.choices) == list(COMMANDS)
+    _, training, *_ = subparsers.choices["dpo"].parse_args_and_config(["--max_steps", "3"])
+    assert (training.max_steps, training.beta) == (3, 0.1)
+
+
 @pytest.mark.slow
 def test_demo_on_smollm2(tmp_path, capsys):
     smollm2_or_skip()

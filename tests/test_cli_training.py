@@ -181,6 +181,17 @@ def test_main_job_defaults_are_the_settings_in_trl_names():
         DPO_DEFAULTS["beta"], DPO_DEFAULTS["learning_rate"], list(DPO_DEFAULTS["loss_type"]))
 
 
+def test_the_defaults_are_those_of_the_readmes_main_job_run():
+    """The README quotes a run of the main job (docs/benchmarks/main-job.json, tests/test_main_job.py): a changed
+    default would leave that quote stale, so the parsed defaults must print that run's lines."""
+    figures = json.loads((ROOT / "docs" / "benchmarks" / "main-job.json").read_text())["figures"]
+    run = parse("sft", [])
+    t = run.training
+    assert f"Training {t.max_steps} steps, batch {t.per_device_train_batch_size}, lr {t.learning_rate:g}:" in figures
+    assert figures[0].startswith(f"| ID-LoRA r={run.idlora.idlora_r} |")
+    assert [line.split(" | ")[1] for line in figures[-3:]] == [str(run.job.eval_samples)] * 3
+
+
 def test_trl_options_work_under_trls_names(tmp_path):
     """Every field of TRL's dataclasses is an option, and the ones a real run needs reach the trainer's config."""
     from trl import ModelConfig, ScriptArguments, SFTConfig

@@ -53,8 +53,9 @@ def test_top_level_help_lists_the_commands(capsys):
 
 
 def test_every_command_is_a_module_in_trls_shape():
-    """Like `trl/scripts/sft.py`: each command's module has a usage docstring, `main` and `make_parser(subparsers=None)`,
-    which builds the parser alone or adds it to a top-level parser's subparsers, as `trl`'s own command does."""
+    """Like `trl/scripts/sft.py`: each command's module has a usage docstring, `main` and
+    `make_parser(subparsers=None)`, which builds the parser alone or adds it to a top-level parser's subparsers, as
+    `trl`'s own command does."""
     import argparse
 
     from idlora_trl_app.cli import COMMANDS, command_module

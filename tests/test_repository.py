@@ -82,3 +82,27 @@ def test_every_folder_of_the_package_is_listed_for_the_wheel():
     assert not any(p == "benchmarks" or p.startswith("benchmarks.") for p in setuptools["packages"])  # not shipped
     for package, patterns in setuptools["package-data"].items():
         assert package in on_disk and patterns, package
+
+
+def test_installing_the_library_without_extras_brings_no_matplotlib():
+    """`pip install idlora-trl` installs what the library needs; the picture of a run (matplotlib) is the `plot`
+    extra. Walks the installed metadata: the requirements of idlora-trl and of each of them, extras left out."""
+    import re
+    from importlib import metadata
+
+    seen, stack = set(), ["idlora-trl"]
+    while stack:
+        name = stack.pop()
+        key = re.sub(r"[-_.]+", "-", name).lower()
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            requirements = metadata.requires(name) or []
+        except metadata.PackageNotFoundError:  # an optional platform dependency that is not installed here
+            continue
+        stack += [re.split(r"[ ;<>=!~\[(]", r, maxsplit=1)[0] for r in requirements if "extra ==" not in r]
+    assert {"torch", "peft", "trl", "transformers"} <= seen  # the walk reaches the real dependencies
+    assert "matplotlib" not in seen
+    assert "matplotlib" in {re.split(r"[ ;<>=!~\[(]", r, maxsplit=1)[0]
+                            for r in metadata.requires("idlora-trl") if 'extra == "plot"' in r}

@@ -8,7 +8,7 @@ import tempfile
 import torch
 
 from benchmarks.common import log, tiny_llama
-from benchmarks.training.measure import compare, lm_loss, peft_config
+from benchmarks.training.measure import compare, lm_loss, peft_config, sizes
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"]  # the main job's
 MISSING = "bitsandbytes is not installed (pip install --no-deps bitsandbytes)"
@@ -47,12 +47,7 @@ def run(args) -> dict:
         import bitsandbytes  # noqa: F401
     except ImportError:
         return {"skipped": MISSING}
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    p = 2 if args.smoke else args.p
-    batch, seq = (2, 16) if args.smoke else (args.batch, args.seq)
-    saved = args.train_repeats, args.forward_repeats, args.train_warmup
-    if args.smoke:
-        args.train_repeats, args.forward_repeats, args.train_warmup = 2, 2, 1
+    device, p, batch, seq, saved = sizes(args)
     with tempfile.TemporaryDirectory() as folder:
         if args.smoke:
             tiny_llama(vocab=128, hidden=64, layers=2).save_pretrained(folder)

@@ -157,13 +157,20 @@ def _profile(fn, runs: int = 2) -> dict:
     return {e.key: [e.self_cpu_time_total / 1e3 / runs, e.count / runs] for e in prof.key_averages()}
 
 
-def run(args) -> dict:
+def sizes(args) -> tuple[str, int, int, int, tuple]:
+    """`(device, p, batch, seq, saved)` of a timed comparison; with --smoke toy sizes and 2 timed rounds after 1
+    (set on `args`; `saved` holds the counts to put back)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     p = 2 if args.smoke else args.p
     batch, seq = (2, 16) if args.smoke else (args.batch, args.seq)
     saved = args.train_repeats, args.forward_repeats, args.train_warmup
     if args.smoke:
         args.train_repeats, args.forward_repeats, args.train_warmup = 2, 2, 1
+    return device, p, batch, seq, saved
+
+
+def run(args) -> dict:
+    device, p, batch, seq, saved = sizes(args)
     if args.smoke:
         base, label = tiny_llama(vocab=128, hidden=64, layers=2), "tiny Llama (smoke)"
     else:

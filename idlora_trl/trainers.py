@@ -48,9 +48,9 @@ def resolve_peft_config(model: Any, peft_config: Optional[PeftConfig], trainer: 
 
 
 def seed_before_wrapping(args: Any, positional: tuple) -> None:
-    """`transformers.set_seed(args.seed)` before TRL wraps the model: PEFT draws the router `T` at random, and TRL
-    before 1.12 (Axolotl's pin is 1.9) wraps the model before the Trainer seeds, so two runs of one script would
-    start from different routers. Newer TRL seeds there itself; seeding twice changes nothing."""
+    """`transformers.set_seed(args.seed)` before TRL wraps the model: PEFT draws the router `T` at random, and older
+    TRL (1.9, Axolotl's pin) wraps the model before the Trainer seeds, so two runs of one script would start from
+    different routers. Newer TRL (1.16) seeds there itself; seeding twice changes nothing."""
     from transformers import TrainingArguments, set_seed
 
     args = args if args is not None else (positional[0] if positional else None)
@@ -82,7 +82,6 @@ class _IDLoRATrainerMixin:
                 "CPU, wrap the model with torch's fully_shard yourself (docs/DISTRIBUTED.md).")
 
     def _report_parameters(self) -> None:
-        self._warn_if_fsdp_was_dropped()
         if not self.is_world_process_zero():
             return
         model = self.accelerator.unwrap_model(self.model)
@@ -99,6 +98,7 @@ class IDLoRASFTTrainer(_IDLoRATrainerMixin, SFTTrainer):
         peft_config = resolve_peft_config(model, peft_config, type(self).__name__)
         seed_before_wrapping(kwargs.get("args"), args)
         super().__init__(model, *args, peft_config=peft_config, **kwargs)
+        self._warn_if_fsdp_was_dropped()
         self._report_parameters()
 
 
@@ -117,6 +117,7 @@ class IDLoRADPOTrainer(_IDLoRATrainerMixin, DPOTrainer):
         unwrapped = self.accelerator.unwrap_model(self.model)
         if "ref" in getattr(unwrapped, "peft_config", {}):
             self._check_ref_copy(unwrapped)
+        self._warn_if_fsdp_was_dropped()
         self._report_parameters()
 
     @staticmethod

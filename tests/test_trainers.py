@@ -92,8 +92,9 @@ def test_trainers_refuse_other_peft_configs(tmp_path):
 
 @pytest.mark.parametrize("trainer_cls", [IDLoRASFTTrainer, IDLoRADPOTrainer])
 def test_two_trainers_with_one_seed_start_from_the_same_router(tmp_path, trainer_cls):
-    """PEFT draws T at random; the trainers seed before TRL wraps the model, whatever TRL's version (TRL < 1.12
-    wraps it before the Trainer seeds). The global generator is disturbed in between, as a script's own work would."""
+    """PEFT draws T at random; the trainers seed before TRL wraps the model, whatever TRL's version (TRL 1.9,
+    Axolotl's pin, wraps it before the Trainer seeds). The global generator is disturbed in between, as a script's
+    own work would."""
     tok = make_tokenizer()
     config_cls, data = (SFTConfig, sft_dataset) if trainer_cls is IDLoRASFTTrainer else (DPOConfig, dpo_dataset)
     routers = []

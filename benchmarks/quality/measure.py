@@ -6,8 +6,8 @@ import math
 import os
 
 from benchmarks.common import STORED, Clock, log, read_json, smollm2, tiny_llama, tiny_tokenizer
-from benchmarks.quality import diagnose
-from benchmarks.quality.runs import METHODS, Bench, Spec, nll
+from benchmarks.quality import diagnose, tasks
+from benchmarks.quality.runs import Bench, Spec, named_methods, nll
 from benchmarks.stats import mean
 from idlora_trl_app.defaults import DEFAULT_TARGETS, SFT_DEFAULTS  # the main job's settings
 
@@ -25,7 +25,8 @@ def add_arguments(parser) -> None:
     g.add_argument("--test-seeds", type=int, default=5, help="training seeds per method at its chosen rate")
     g.add_argument("--val-per-task", type=int, default=32, help="validation items per task")
     g.add_argument("--test-per-task", type=int, default=100, help="test items per task")
-    g.add_argument("--methods", default=",".join(METHODS), help="methods of the main comparison")
+    g.add_argument("--methods", default="LoRA,LoRA r=p/2,DoRA,ID-LoRA (paper),ID-LoRA rms",
+                   help=f"methods of the main comparison, from: {', '.join(named_methods(8))}")
     g.add_argument("--ablations", default="all", help="'all', 'none' or comma-separated ablation labels")
     g.add_argument("--ablation-span", type=int, default=1, help="grid steps either side of the default's rate")
     g.add_argument("--ablation-grid-seeds", type=int, default=2,
@@ -96,13 +97,11 @@ def _min_d_out(model, targets: list[str]) -> int:
 
 
 def _bench(args):
-    from idlora_trl_app.data import sft_dataset, sft_rows
-
     targets = [t.strip() for t in DEFAULT_TARGETS.split(",")]
-    validation = sft_rows("validation", per_task=args.val_per_task)
-    test = sft_rows("test", per_task=args.test_per_task)
+    validation = tasks.rows("validation", per_task=args.val_per_task)
+    test = tasks.rows("test", per_task=args.test_per_task)
     if args.smoke:
-        train = sft_dataset("train").select(range(24))
+        train = tasks.dataset("train").select(range(24))
         texts = [m["content"] for row in train.to_list() + validation + test for m in row["prompt"] + row["completion"]]
         tokenizer = tiny_tokenizer(texts)
         base = tiny_llama(vocab=len(tokenizer), hidden=64, layers=2, pad_token_id=tokenizer.pad_token_id,
@@ -110,10 +109,10 @@ def _bench(args):
         label = "tiny Llama (smoke)"
     else:
         base, tokenizer, label = smollm2()
-        train = sft_dataset("train")
+        train = tasks.dataset("train")
     setup = dict(model=label, targets=targets, p=args.quality_p, steps=args.quality_steps, batch=args.quality_batch,
                  scheduler=SFT_DEFAULTS["lr_scheduler_type"], warmup=SFT_DEFAULTS["warmup_steps"],
-                 max_length=SFT_DEFAULTS["max_length"], data="sft-v2", validation=len(validation), test=len(test))
+                 max_length=SFT_DEFAULTS["max_length"], data=tasks.DATA, validation=len(validation), test=len(test))
     return Bench(base, tokenizer, train.select_columns(["prompt", "completion"]), validation, test, setup,
                  args.quality_dir, args.work_dir, log=log), _min_d_out(base, targets)
 
@@ -135,15 +134,18 @@ def run(args, partial=None) -> dict:
     data = dict(setup=bench.setup, grid=grid, exploration=_exploration(args.exploration_dir),
                 grid_seeds=args.grid_seeds, test_seeds=args.test_seeds, main={},
                 ablations={}, ablation_seeds=args.ablation_seeds, ablation_grid_seeds=args.ablation_grid_seeds)
-    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
-        chosen, curve = _grid_search(bench, method, (), grid, args.grid_seeds, factor, args.max_extend, clock)
-        data["main"][method] = dict(curve={str(lr): [nll(r, "validation") for r in rs] for lr, rs in curve.items()},
-                                    lr=chosen, trainable=next(iter(curve.values()))[0]["trainable"] if curve else None)
+    named = named_methods(args.quality_p)
+    for name in _rejoin([m.strip() for m in args.methods.split(",") if m.strip()], named):
+        kind, settings = named[name]
+        chosen, curve = _grid_search(bench, kind, settings, grid, args.grid_seeds, factor, args.max_extend, clock)
+        data["main"][name] = dict(kind=kind, settings=dict(settings), lr=chosen,
+                                  curve={str(lr): [nll(r, "validation") for r in rs] for lr, rs in curve.items()},
+                                  trainable=next(iter(curve.values()))[0]["trainable"] if curve else None)
         if chosen is not None:
-            data["main"][method]["runs"] = _test(bench, method, (), chosen, args.test_seeds, clock)
+            data["main"][name]["runs"] = _test(bench, kind, settings, chosen, args.test_seeds, clock)
         if partial:
             partial(data)
-    default = data["main"].get("ID-LoRA", {}).get("lr")
+    default = data["main"].get("ID-LoRA", data["main"].get("ID-LoRA (paper)", {})).get("lr")
     wanted = ablations(args.quality_p, min_d_out)
     names = [] if args.ablations == "none" else list(wanted) if args.ablations == "all" else [
         n.strip() for n in args.ablations.split(",") if n.strip()]
@@ -162,11 +164,9 @@ def run(args, partial=None) -> dict:
         data["ablations"][name] = entry
         if partial:
             partial(data)
-    from idlora_trl_app.data import sft_rows
-
     if not args.no_diagnosis:  # minutes, whatever the clock says: it explains the runs that exist
         adapters = {}
-        candidates = [(method, method, entry) for method, entry in data["main"].items()] + [
+        candidates = [(name, entry["kind"], entry) for name, entry in data["main"].items()] + [
             (name, "ID-LoRA", entry) for name, entry in data["ablations"].items()
             if {"router", "router_norm"} & set(entry["settings"])]  # the router sets the update's size
         for label, method, entry in candidates:
@@ -178,7 +178,7 @@ def run(args, partial=None) -> dict:
             else:
                 log(f"quality: diagnosis: no saved adapter of {label} at its chosen rate on this machine; "
                     "its end-of-training update size is left out")
-        data["diagnosis"] = diagnose.run(bench.base, bench.tokenizer, sft_rows("train")[:16], bench.setup["targets"],
+        data["diagnosis"] = diagnose.run(bench.base, bench.tokenizer, tasks.rows("train")[:16], bench.setup["targets"],
                                          args.quality_p, default or grid[len(grid) // 2], adapters=adapters)
     data["complete"] = not clock.skipped  # --quality-minutes 0 over stored runs only: complete if none is missing
     return data
@@ -191,13 +191,13 @@ def _exploration(folder: str) -> list[dict]:
 
 
 def _rejoin(names: list[str], wanted: dict) -> list[str]:
-    """Labels that contain commas ("k=8, r=24") come back split by the comma-separated option: join them."""
-    out, pending = [], ""
-    for part in names:
-        pending = f"{pending}, {part}" if pending else part
-        if pending in wanted:
-            out.append(pending)
-            pending = ""
-        elif not any(w.startswith(pending) for w in wanted):
-            raise SystemExit(f"benchmarks: unknown ablation {pending!r}; choose from {list(wanted)}")
+    """Labels that contain commas ("k=8, r=24", "ID-LoRA rms, s=8") come back split by the comma-separated
+    option: join them, longest known label first."""
+    out, i = [], 0
+    while i < len(names):
+        joined = [j for j in range(i, len(names)) if ", ".join(names[i:j + 1]) in wanted]
+        if not joined:
+            raise SystemExit(f"benchmarks: unknown method or ablation {names[i]!r}; choose from {list(wanted)}")
+        out.append(", ".join(names[i:joined[-1] + 1]))
+        i = joined[-1] + 1
     return out

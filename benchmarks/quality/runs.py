@@ -28,7 +28,35 @@ import torch
 from benchmarks.common import read_json, write_json
 from benchmarks.stats import mean
 
-METHODS = ("LoRA", "DoRA", "VeRA", "ID-LoRA")
+METHODS = ("LoRA", "DoRA", "VeRA", "ID-LoRA")  # the kinds of adapter a run trains
+PAPER = (("router_norm", "none"), ("selection", "pmrc"))  # the paper's router and rows, whatever the defaults are
+
+
+def named_methods(p: int) -> dict[str, tuple[str, tuple]]:
+    """The protocol's methods by name: name -> (kind, settings that differ from the kind's defaults at rank p).
+
+    "ID-LoRA" is the library's default, whatever it is when the run is made; "ID-LoRA (paper)" names the paper's
+    settings, so its stored runs keep their meaning when the default changes."""
+    r = 4 * p
+    return {
+        "LoRA": ("LoRA", ()), "DoRA": ("DoRA", ()), "VeRA": ("VeRA", ()),
+        "LoRA r=p/2": ("LoRA", (("r", p // 2),)),  # about ID-LoRA's parameter count: the parameter-matched reference
+        "ID-LoRA": ("ID-LoRA", ()),
+        "ID-LoRA (paper)": ("ID-LoRA", PAPER),
+        "ID-LoRA rms": ("ID-LoRA", (("router_norm", "rms"),)),
+        "ID-LoRA rms, s=8": ("ID-LoRA", (("idlora_alpha", 8.0 * r), ("router_norm", "rms"))),
+        "ID-LoRA rms, random rows": ("ID-LoRA", (("router_norm", "rms"), ("selection", "random"))),
+        "ID-LoRA rms, pmrc-qr": ("ID-LoRA", (("router_norm", "rms"), ("selection", "pmrc-qr"))),
+    }
+
+
+def method_name(record: dict, p: int) -> str | None:
+    """The name (`named_methods`) of a stored run's method, or None."""
+    settings = tuple(sorted((k, v) for k, v in record.get("settings", {}).items()))
+    for name, (kind, wanted) in named_methods(p).items():
+        if kind == record["method"] and tuple(sorted(wanted)) == settings:
+            return name
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +77,8 @@ class Spec:
 
 
 def peft_config(spec: Spec, p: int, targets: list[str]):
-    """LoRA/DoRA at rank p (lora_alpha = 2p), VeRA at rank 32p (PEFT's shared random projections),
-    ID-LoRA at rank 4p with the library's defaults plus the spec's settings."""
+    """LoRA/DoRA at rank p (or the spec's `r`; lora_alpha = 2r), VeRA at rank 32p (PEFT's shared random
+    projections), ID-LoRA at rank 4p with the library's defaults plus the spec's settings."""
     from peft import LoraConfig, VeraConfig
 
     from idlora_trl import IDLoRAConfig
@@ -59,7 +87,8 @@ def peft_config(spec: Spec, p: int, targets: list[str]):
         return IDLoRAConfig(**{"r": 4 * p, **dict(spec.settings)}, target_modules=targets, task_type="CAUSAL_LM")
     if spec.method == "VeRA":
         return VeraConfig(r=32 * p, target_modules=targets, task_type="CAUSAL_LM", projection_prng_key=0)
-    return LoraConfig(r=p, lora_alpha=2 * p, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM",
+    r = dict(spec.settings).get("r", p)
+    return LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM",
                       use_dora=spec.method == "DoRA")
 
 

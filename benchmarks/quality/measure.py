@@ -25,7 +25,7 @@ def add_arguments(parser) -> None:
     g.add_argument("--test-seeds", type=int, default=5, help="training seeds per method at its chosen rate")
     g.add_argument("--val-per-task", type=int, default=32, help="validation items per task")
     g.add_argument("--test-per-task", type=int, default=100, help="test items per task")
-    g.add_argument("--methods", default="LoRA,LoRA r=p/2,DoRA,ID-LoRA (paper),ID-LoRA rms",
+    g.add_argument("--methods", default="LoRA,DoRA,VeRA,ID-LoRA",
                    help=f"methods of the main comparison, from: {', '.join(named_methods(8))}")
     g.add_argument("--ablations", default="all", help="'all', 'none' or comma-separated ablation labels")
     g.add_argument("--ablation-span", type=int, default=1, help="grid steps either side of the default's rate")

@@ -1,0 +1,191 @@
+"""Section 4's budget axis (issue #21): each method's test NLL and accuracy against examples seen, from the stored runs.
+
+Reads every run of the protocol's task set (`docs/benchmarks/quality-runs/*.json` whose setup names
+`protocol-v3`), groups them by budget (steps x batch, recorded in each run) and by method (`named_methods`), and
+per budget and method:
+
+- chooses the learning rate with the lowest mean validation answer NLL over the grid's seeds (0 and 1); a rate
+  is a grid point only when both seeds ran; a choice on the edge of the rates run is marked "edge" (the protocol
+  extends the grid past it);
+- reads the test runs at that rate (seeds 0-4) and quotes mean +- the 95% t-interval over seeds;
+- pairs methods by seed (a seed fixes the training rows and their order for every method) for the differences
+  the issue asks for: each ID-LoRA setting minus LoRA, each minus `ID-LoRA (paper)`, and the rule of
+  docs/METHOD.md ("How the defaults are chosen");
+- checks the floor of every task (validation NLL below 0.02 or test accuracy above 0.95 for every method).
+
+    python -m benchmarks.quality.budgets    # seconds; writes docs/benchmarks/quality-budgets.{json,md,png}
+
+The runs themselves come from `python -m benchmarks --only quality --quality-steps S --quality-batch B
+--methods ... --ablations none --no-diagnosis` (resumable, one JSON per run).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+from collections import defaultdict
+
+from benchmarks.common import STORED, pyplot, read_json, save_plot, table, write_json
+from benchmarks.quality import tasks
+from benchmarks.quality.runs import acc, method_name, nll
+from benchmarks.stats import ci95, mean
+
+RUNS = os.path.join(STORED, "quality-runs")
+PATH, DOC = os.path.join(STORED, "quality-budgets.json"), os.path.join(STORED, "quality-budgets.md")
+GRID_SEEDS, TEST_SEEDS, FLOOR_NLL, FLOOR_ACC = 2, 5, 0.02, 0.95
+PAPER, LORA = "ID-LoRA (paper)", "LoRA"
+CANDIDATES = ("ID-LoRA rms", "ID-LoRA rms, s=8", "ID-LoRA rms, random rows", "ID-LoRA rms, pmrc-qr")
+
+
+def collect(folder: str = RUNS) -> dict:
+    """{budget "SxB": {method: {lr: {seed: record}}}} over the protocol-v3 runs in `folder`."""
+    out: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
+    for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
+        record = read_json(path)
+        setup = record["setup"]
+        name = method_name(record, setup["p"])
+        if setup.get("data") == tasks.DATA and name is not None:
+            out[f"{setup['steps']}x{setup['batch']}"][name][record["lr"]][record["seed"]] = record
+    return out
+
+
+def choose(by_lr: dict) -> tuple[float | None, bool, dict[float, float]]:
+    """(chosen rate, on the edge of the rates run, validation NLL per grid point)."""
+    curve = {lr: mean(nll(seeds[s], "validation") for s in range(GRID_SEEDS))
+             for lr, seeds in by_lr.items() if all(s in seeds for s in range(GRID_SEEDS))}
+    if not curve:
+        return None, False, curve
+    best = min(curve, key=curve.get)
+    return best, len(curve) > 1 and best in (min(curve), max(curve)), curve
+
+
+def summarise(runs: dict) -> dict:
+    data = {}
+    for budget, methods in sorted(runs.items(), key=lambda kv: _examples(kv[0])):
+        entry = data[budget] = dict(examples=_examples(budget), methods={}, differences={}, floor={})
+        for name, by_lr in methods.items():
+            lr, edge, curve = choose(by_lr)
+            tested = [by_lr[lr][s] for s in sorted(by_lr.get(lr, {})) if "test" in by_lr[lr][s]] if lr else []
+            first = next(iter(next(iter(by_lr.values())).values()))
+            entry["methods"][name] = dict(
+                lr=lr, edge=edge, curve={str(k): v for k, v in sorted(curve.items())}, trainable=first["trainable"],
+                seeds=[r["seed"] for r in tested], nll=[nll(r) for r in tested], accuracy=[acc(r) for r in tested],
+                tasks={t: [acc(r, t) for r in tested] for t in tasks.TASKS},
+                validation_tasks={t: mean(by_lr[lr][s]["validation"]["nll"][t] for s in range(GRID_SEEDS))
+                                  for t in tasks.TASKS} if lr in curve else {})
+        done = entry["methods"]
+        pairs = [(c, LORA) for c in (PAPER, *CANDIDATES)] + [(c, PAPER) for c in CANDIDATES] + [(PAPER, "LoRA r=p/2")]
+        for a, b in pairs:
+            if a in done and b in done and set(done[a]["seeds"]) & set(done[b]["seeds"]):
+                entry["differences"][f"{a} - {b}"] = {m: _paired(done[a], done[b], m) for m in ("nll", "accuracy")}
+        for t in tasks.TASKS:
+            at_floor = [m for m, e in done.items() if e["seeds"] and (
+                e["validation_tasks"].get(t, 1) < FLOOR_NLL or mean(e["tasks"][t]) > FLOOR_ACC)]
+            tested = [m for m in done.values() if m["seeds"]]
+            entry["floor"][t] = dict(at_floor=at_floor, every_method=bool(tested) and len(at_floor) == len(tested))
+    return dict(runs=sum(len(s) for m in runs.values() for by_lr in m.values() for s in by_lr.values()),
+                budgets=data, rule=_rule(data))
+
+
+def _examples(budget: str) -> int:
+    steps, batch = budget.split("x")
+    return int(steps) * int(batch)
+
+
+def _paired(a: dict, b: dict, metric: str) -> dict:
+    shared = sorted(set(a["seeds"]) & set(b["seeds"]))
+    diffs = [a[metric][a["seeds"].index(s)] - b[metric][b["seeds"].index(s)] for s in shared]
+    return dict(mean=mean(diffs), ci=ci95(diffs), n=len(diffs))
+
+
+def _rule(data: dict) -> dict:
+    """The rule's part 1 (docs/METHOD.md): paired test NLL minus the paper's below 0 at 2+ budgets, above at none."""
+    out = {}
+    for c in CANDIDATES:
+        wins, losses, measured = [], [], []
+        for budget, entry in data.items():
+            d = entry["differences"].get(f"{c} - {PAPER}", {}).get("nll")
+            if d and d["n"] >= TEST_SEEDS:
+                measured.append(budget)
+                (wins if d["mean"] + d["ci"] < 0 else losses if d["mean"] - d["ci"] > 0 else []).append(budget)
+        out[c] = dict(measured=measured, wins=wins, losses=losses, passes=len(wins) >= 2 and not losses)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _pm(values: list[float]) -> str:
+    return f"{mean(values):.3f} ± {ci95(values):.3f}" if values else "—"
+
+
+def render(data: dict, plot: str | None = None) -> str:
+    lines = [f"# Quality against examples seen (protocol v3, {data['runs']} stored runs)", "",
+             "Written by `python -m benchmarks.quality.budgets` from `docs/benchmarks/quality-runs`. Each method at "
+             "its own rate, chosen on validation at each budget; test: mean ± 95% t-interval over seeds.", ""]
+    for budget, entry in data["budgets"].items():
+        steps, batch = budget.split("x")
+        lines += [f"## {steps} steps x {batch} rows ({entry['examples']} examples)", ""]
+        rows = []
+        for name, e in sorted(entry["methods"].items()):
+            lr = "—" if e["lr"] is None else f"{e['lr']:g}" + (" (edge)" if e["edge"] else "")
+            rows.append([name, lr, f"{e['trainable']:,}", _pm(e["nll"]), _pm(e["accuracy"]),
+                         *[_pm(e["tasks"][t]) for t in tasks.TASKS], len(e["seeds"])])
+        lines += [table(["method", "lr", "trainable", "test NLL", "accuracy", *tasks.TASKS, "seeds"], rows), ""]
+        grid = sorted({lr for e in entry["methods"].values() for lr in e["curve"]}, key=float)
+        lines += ["Validation NLL by rate (mean of seeds 0 and 1):", "",
+                  table(["method", *grid], [[n, *(f"{e['curve'][g]:.3f}" if g in e["curve"] else "" for g in grid)]
+                                            for n, e in sorted(entry["methods"].items())]), ""]
+        if entry["differences"]:
+            lines += ["Paired differences (a - b, by seed):", "", table(["a - b", "test NLL", "accuracy", "n"], [
+                [k, f"{d['nll']['mean']:+.3f} ± {d['nll']['ci']:.3f}", f"{d['accuracy']['mean']:+.3f} ± "
+                 f"{d['accuracy']['ci']:.3f}", d["nll"]["n"]] for k, d in entry["differences"].items()]), ""]
+        floors = [t for t, f in entry["floor"].items() if f["every_method"]]
+        lines += [f"Tasks at their floor for every tested method: {', '.join(floors) or 'none'}.", ""]
+    lines += ["## The rule for the default (docs/METHOD.md), part 1", "", table(
+        ["candidate", "budgets measured", "below the paper", "above the paper", "passes"],
+        [[c, ", ".join(r["measured"]) or "none", ", ".join(r["wins"]) or "none", ", ".join(r["losses"]) or "none",
+          "yes" if r["passes"] else "no"] for c, r in data["rule"].items()]), ""]
+    if plot:
+        lines += [f"![test NLL and accuracy against examples seen]({os.path.basename(plot)})", ""]
+    return "\n".join(lines)
+
+
+def draw(data: dict, folder: str) -> str | None:
+    plt = pyplot()
+    if plt is None:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    names = sorted({n for e in data["budgets"].values() for n in e["methods"]})
+    for name in names:
+        points = [(e["examples"], e["methods"][name]) for e in data["budgets"].values()
+                  if e["methods"].get(name, {}).get("seeds")]
+        for ax, metric in zip(axes, ("nll", "accuracy")):
+            if points:
+                ax.errorbar([x for x, _ in points], [mean(m[metric]) for _, m in points],
+                            yerr=[ci95(m[metric]) for _, m in points], marker="o", capsize=3, label=name)
+    for ax, label in zip(axes, ("test answer NLL", "test accuracy")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("examples seen (steps x rows)")
+        ax.set_ylabel(label)
+    if axes[0].lines:
+        axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return save_plot(fig, folder, "quality_budgets.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.quality.budgets", description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", default=RUNS, help="folder of stored runs")
+    parser.add_argument("--out", default=DOC, help="the Markdown file (the JSON and the plot go beside it)")
+    args = parser.parse_args(argv)
+    data = summarise(collect(args.runs))
+    folder = os.path.dirname(os.path.abspath(args.out))
+    write_json(os.path.splitext(args.out)[0] + ".json", data)
+    with open(args.out, "w") as f:
+        f.write(render(data, draw(data, folder)) + "\n")
+    print(f"wrote {args.out} ({data['runs']} runs)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""The quality protocol's task set, its method names and the budget report, checked on fabricated runs."""
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+
+from benchmarks.quality import budgets, tasks
+from benchmarks.quality.measure import _rejoin
+from benchmarks.quality.runs import Spec, method_name, named_methods, peft_config
+from idlora_trl_app.data import sft_tasks
+
+TARGETS = ["q_proj", "v_proj"]
+
+
+def _prompt(row: dict) -> str:
+    return row["prompt"][0]["content"]
+
+
+# --------------------------------------------------------------------------------------------- tasks
+def test_countries_are_disjoint_by_country_and_ask_for_the_right_code():
+    import pycountry  # a dev dependency: a missing one fails, it does not skip
+    by_name = {getattr(c, "common_name", None) or c.name: c for c in pycountry.countries}
+    seen = {}
+    for split in ("train", "validation", "test"):
+        rows = tasks.countries(split)
+        names = [re.search(r"code of (.+)\? Reply", _prompt(r)).group(1) for r in rows]
+        for name, row in zip(names, rows):
+            field = "alpha_3" if "three-letter" in _prompt(row) else "alpha_2"
+            assert row["answer"] == getattr(by_name[name], field) == row["completion"][0]["content"]
+        assert all(names.count(n) == 2 for n in names)  # both codes of every country, in one split only
+        seen[split] = set(names)
+    assert not seen["train"] & seen["test"] and not seen["train"] & seen["validation"]
+    assert not seen["validation"] & seen["test"]
+    assert len(seen["test"]) * 2 >= 100 and sum(map(len, seen.values())) == len(pycountry.countries)
+
+
+def test_negation_flips_the_label_and_its_phrasings_are_held_out():
+    positive = set(sft_tasks.TRAIN_POSITIVE + sft_tasks.VALIDATION_POSITIVE + sft_tasks.TEST_POSITIVE)
+    phrasings = {}
+    for split in ("train", "validation", "test"):
+        rows = tasks.sentiment(split)
+        negated = [r for r in rows if " not " in _prompt(r)]
+        assert 0.3 < len(negated) / len(rows) < 0.7, split  # about half
+        for row in rows:
+            review = _prompt(row).split("Review: ")[1]
+            adjective = next(w for w in re.findall(r"[a-z]+", review) if w in positive or w in _negative())
+            plain = "POSITIVE" if adjective in positive else "NEGATIVE"
+            flipped = {"POSITIVE": "NEGATIVE", "NEGATIVE": "POSITIVE"}[plain]
+            assert row["answer"] == (flipped if " not " in review else plain), review
+        phrasings[split] = {re.sub(r"\b(" + "|".join(sft_tasks.NOUNS) + r")\b", "N", _prompt(r).split("Review: ")[1])
+                            .replace(next(w for w in re.findall(r"[a-z]+", _prompt(r).split("Review: ")[1])
+                                          if w in positive or w in _negative()), "A") for r in negated}
+    assert not phrasings["train"] & phrasings["test"] and not phrasings["train"] & phrasings["validation"]
+    assert len(tasks.sentiment("train")) == len(sft_tasks.sentiment("train"))  # the mix of tasks is unchanged
+
+
+def _negative() -> set[str]:
+    return set(sft_tasks.TRAIN_NEGATIVE + sft_tasks.VALIDATION_NEGATIVE + sft_tasks.TEST_NEGATIVE)
+
+
+def test_protocol_rows_hold_every_task_and_no_prompt_in_two_splits():
+    test, validation = tasks.rows("test", per_task=100), tasks.rows("validation", per_task=32)
+    for rows, n in ((test, 100), (validation, 32)):
+        assert {t: sum(r["task"] == t for r in rows) for t in tasks.TASKS} == dict.fromkeys(tasks.TASKS, n)
+    prompts = {split: {_prompt(r) for r in tasks.rows(split)} for split in ("train", "validation", "test")}
+    assert not prompts["train"] & prompts["test"] and not prompts["train"] & prompts["validation"]
+    assert not prompts["validation"] & prompts["test"]
+
+
+# ------------------------------------------------------------------------------------------- methods
+def test_every_named_method_is_found_again_from_its_stored_run():
+    for name, (kind, settings) in named_methods(8).items():
+        assert list(settings) == sorted(settings), name  # a Spec's settings are sorted pairs
+        assert method_name({"method": kind, "settings": dict(settings)}, 8) == name
+    setup = {"steps": 30}
+    assert Spec("ID-LoRA", 1e-3, 0).key(setup) != Spec("ID-LoRA", 1e-3, 0, named_methods(8)["ID-LoRA (paper)"][1]).key(
+        setup)  # the paper's runs keep their own files when the default changes
+
+
+def test_the_parameter_matched_lora_has_half_the_rank():
+    half = peft_config(Spec("LoRA", 1e-3, 0, named_methods(8)["LoRA r=p/2"][1]), 8, TARGETS)
+    full = peft_config(Spec("LoRA", 1e-3, 0), 8, TARGETS)
+    assert (half.r, half.lora_alpha, full.r, full.lora_alpha) == (4, 8, 8, 16)
+    paper = peft_config(Spec("ID-LoRA", 1e-3, 0, named_methods(8)["ID-LoRA (paper)"][1]), 8, TARGETS)
+    assert (paper.r, paper.router_norm, paper.selection) == (32, "none", "pmrc")
+    scaled = peft_config(Spec("ID-LoRA", 1e-3, 0, named_methods(8)["ID-LoRA rms, s=8"][1]), 8, TARGETS)
+    assert scaled.idlora_alpha / scaled.r == 8 and scaled.router_norm == "rms"
+
+
+def test_labels_with_commas_are_joined_longest_first():
+    wanted = named_methods(8)
+    assert _rejoin(["LoRA", "ID-LoRA rms", "s=8", "ID-LoRA rms"], wanted) == ["LoRA", "ID-LoRA rms, s=8",
+                                                                              "ID-LoRA rms"]
+    with pytest.raises(SystemExit, match="unknown method or ablation 's=9'"):
+        _rejoin(["ID-LoRA rms", "s=9"], wanted)
+
+
+# ------------------------------------------------------------------------------------------- report
+def _write(folder, name: str, lr: float, seed: int, val: float, test: float | None = None, acc: float = 0.5,
+           steps: int = 30, batch: int = 4, data: str = tasks.DATA) -> None:
+    kind, settings = named_methods(8)[name]
+    record = dict(method=kind, settings=dict(settings), lr=lr, seed=seed, trainable=100,
+                  setup=dict(p=8, steps=steps, batch=batch, data=data),
+                  validation={"nll": dict.fromkeys(tasks.TASKS, val)})
+    if test is not None:
+        record["test"] = {"nll": dict.fromkeys(tasks.TASKS, test),
+                          "accuracy": {t: [round(acc * 100), 100] for t in tasks.TASKS}}
+    path = folder / f"{name}-{lr}-{seed}-{steps}x{batch}-{data}.json".replace(" ", "_").replace(",", "")
+    path.write_text(json.dumps(record))
+
+
+def test_budget_report_chooses_rates_pairs_by_seed_and_applies_the_rule(tmp_path):
+    gaps = {"30x4": -0.1, "60x8": -0.2, "240x8": -0.0005}  # rms minus the paper at each budget (the last: within noise)
+    for budget, gap in gaps.items():
+        steps, batch = map(int, budget.split("x"))
+        for name, val_by_lr in (("LoRA", {1e-3: 0.5, 2e-3: 0.4, 4e-3: 0.45}),
+                                ("ID-LoRA (paper)", {1e-3: 0.6, 2e-3: 0.7}), ("ID-LoRA rms", {1e-3: 0.3})):
+            for lr, val in val_by_lr.items():
+                for seed in range(2):
+                    _write(tmp_path, name, lr, seed, val + 0.01 * seed, steps=steps, batch=batch)
+            best = min(val_by_lr, key=val_by_lr.get)
+            for seed in range(5):
+                base = 1.0 + 0.05 * seed  # seeds differ a lot, the pairs little: only pairing separates them
+                test = base + (gap + 0.001 * (seed - 2) if name == "ID-LoRA rms" else 0.3 if name == "LoRA" else 0)
+                _write(tmp_path, name, best, seed, val_by_lr[best] + 0.01 * seed, test, steps=steps, batch=batch)
+    _write(tmp_path, "LoRA", 1e-3, 0, 0.1, data="sft-v2")  # another task set: left out
+    data = budgets.summarise(budgets.collect(str(tmp_path)))
+    assert list(data["budgets"]) == ["30x4", "60x8", "240x8"]  # ordered by examples seen
+    entry = data["budgets"]["30x4"]
+    lora, paper = entry["methods"]["LoRA"], entry["methods"]["ID-LoRA (paper)"]
+    assert (lora["lr"], lora["edge"], paper["lr"], paper["edge"]) == (2e-3, False, 1e-3, True)
+    assert lora["seeds"] == [0, 1, 2, 3, 4] and math.isclose(lora["curve"]["0.002"], 0.405)
+    d = entry["differences"]["ID-LoRA rms - ID-LoRA (paper)"]["nll"]
+    diffs = [-0.1 + 0.001 * (s - 2) for s in range(5)]
+    sd = math.sqrt(sum((x - sum(diffs) / 5) ** 2 for x in diffs) / 4)
+    assert math.isclose(d["mean"], sum(diffs) / 5) and math.isclose(d["ci"], 2.776 * sd / math.sqrt(5))
+    assert d["n"] == 5
+    rule = data["rule"]["ID-LoRA rms"]
+    assert rule["wins"] == ["30x4", "60x8"] and rule["losses"] == [] and rule["passes"]
+    assert not data["rule"]["ID-LoRA rms, s=8"]["passes"]  # never run
+    assert entry["floor"]["sentiment"] == {"at_floor": [], "every_method": False}
+    doc = budgets.render(data)
+    assert "## 240 steps x 8 rows (1920 examples)" in doc and "| ID-LoRA rms | 30x4, 60x8, 240x8 | 30x4, 60x8 |" in doc
+
+
+def test_the_rule_refuses_a_candidate_that_loses_at_one_budget(tmp_path):
+    for budget, gap in {"30x4": -0.1, "60x8": -0.2, "240x8": 0.1}.items():
+        steps, batch = map(int, budget.split("x"))
+        for name, shift in (("ID-LoRA (paper)", 0.0), ("ID-LoRA rms", gap)):
+            for seed in range(5):
+                _write(tmp_path, name, 1e-3, seed, 0.5, 1.0 + 0.05 * seed + shift + 0.001 * seed,
+                       acc=0.99, steps=steps, batch=batch)
+    data = budgets.summarise(budgets.collect(str(tmp_path)))
+    rule = data["rule"]["ID-LoRA rms"]
+    assert rule["losses"] == ["240x8"] and not rule["passes"]
+    assert data["budgets"]["60x8"]["floor"]["countries"]["every_method"]  # accuracy 0.99 for both

@@ -57,9 +57,11 @@ def ablations(p: int, min_d_out: int) -> dict[str, dict]:
 
 
 # ------------------------------------------------------------------------------------------------- run
-def _grid_search(bench: Bench, method: str, settings: tuple, lrs: list[float], seeds: int, factor: float,
-                 max_extend: int, clock: Clock) -> tuple[float | None, dict[float, list[dict]]]:
-    """Validation NLL per rate (extending past a winning edge); returns (chosen rate or None, records)."""
+def grid_search(bench: Bench, method: str, settings: tuple, lrs: list[float], seeds: int, factor: float,
+                max_extend: int, clock: Clock, score=lambda record: nll(record, "validation"),
+                ) -> tuple[float | None, dict[float, list[dict]]]:
+    """A validation score per rate, lower is better (default: answer NLL), extending past a winning edge;
+    returns (chosen rate or None, records). `bench` is anything with `load(spec)` and `run(spec)`."""
     curve: dict[float, list[dict]] = {}
     lrs = sorted(lrs)
     for extension in range(max_extend + 1):
@@ -70,8 +72,8 @@ def _grid_search(bench: Bench, method: str, settings: tuple, lrs: list[float], s
                 if bench.load(Spec(method, lr, seed, settings)) is None and clock.skip():
                     return None, curve
                 curve.setdefault(lr, []).append(bench.run(Spec(method, lr, seed, settings)))
-        score = {lr: mean(nll(r, "validation") for r in records) for lr, records in curve.items()}
-        best = min(score, key=score.get)
+        scores = {lr: mean(score(r) for r in records) for lr, records in curve.items()}
+        best = min(scores, key=scores.get)
         ordered = sorted(curve)
         if extension == max_extend or ordered[0] < best < ordered[-1]:
             return best, curve
@@ -79,7 +81,7 @@ def _grid_search(bench: Bench, method: str, settings: tuple, lrs: list[float], s
     return None, curve
 
 
-def _test(bench: Bench, method: str, settings: tuple, lr: float, seeds: int, clock: Clock) -> list[dict]:
+def run_test_seeds(bench: Bench, method: str, settings: tuple, lr: float, seeds: int, clock: Clock) -> list[dict]:
     out = []
     for seed in range(seeds):
         record = bench.load(Spec(method, lr, seed, settings))
@@ -137,12 +139,12 @@ def run(args, partial=None) -> dict:
     named = named_methods(args.quality_p)
     for name in _rejoin([m.strip() for m in args.methods.split(",") if m.strip()], named):
         kind, settings = named[name]
-        chosen, curve = _grid_search(bench, kind, settings, grid, args.grid_seeds, factor, args.max_extend, clock)
+        chosen, curve = grid_search(bench, kind, settings, grid, args.grid_seeds, factor, args.max_extend, clock)
         data["main"][name] = dict(kind=kind, settings=dict(settings), lr=chosen,
                                   curve={str(lr): [nll(r, "validation") for r in rs] for lr, rs in curve.items()},
                                   trainable=next(iter(curve.values()))[0]["trainable"] if curve else None)
         if chosen is not None:
-            data["main"][name]["runs"] = _test(bench, kind, settings, chosen, args.test_seeds, clock)
+            data["main"][name]["runs"] = run_test_seeds(bench, kind, settings, chosen, args.test_seeds, clock)
         if partial:
             partial(data)
     default = data["main"].get("ID-LoRA", data["main"].get("ID-LoRA (paper)", {})).get("lr")
@@ -154,12 +156,12 @@ def run(args, partial=None) -> dict:
         settings = tuple(sorted(wanted[name].items()))
         near = [lr for lr in grid + [default]
                 if abs(math.log(lr / default) / math.log(factor)) <= args.ablation_span + 1e-9]
-        chosen, curve = _grid_search(bench, "ID-LoRA", settings, sorted(set(near)), args.ablation_grid_seeds, factor,
+        chosen, curve = grid_search(bench, "ID-LoRA", settings, sorted(set(near)), args.ablation_grid_seeds, factor,
                                      args.max_extend, clock)
         entry = dict(settings=wanted[name], lr=chosen, curve={str(lr): [nll(r, "validation") for r in rs]
                                                               for lr, rs in curve.items()})
         if chosen is not None:
-            entry["runs"] = _test(bench, "ID-LoRA", settings, chosen, args.ablation_seeds, clock)
+            entry["runs"] = run_test_seeds(bench, "ID-LoRA", settings, chosen, args.ablation_seeds, clock)
             entry["trainable"] = entry["runs"][0]["trainable"] if entry["runs"] else None
         data["ablations"][name] = entry
         if partial:

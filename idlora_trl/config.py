@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal, Optional, Union, get_args
 
 from peft.config import PeftConfig
@@ -21,8 +21,15 @@ Router = Literal["token", "static"]
 ROUTERS: tuple[str, ...] = get_args(Router)
 RouterNorm = Literal["none", "rms"]
 ROUTER_NORMS: tuple[str, ...] = get_args(RouterNorm)
+# Named settings, one switch each: "paper" is the paper's exact method (its router, rows, k, f and scale), so it
+# stays one switch away whatever the defaults become (docs/METHOD.md, "How the defaults are chosen").
+Preset = Literal["paper"]
+PRESETS: dict[str, dict] = {
+    "paper": dict(router="token", router_norm="none", selection="pmrc", distance="euclidean", num_clusters=4,
+                  rank_boost=2, idlora_alpha=None, init_router_std=None),
+}
 
-__all__ = ["DISTANCES", "ROUTERS", "ROUTER_NORMS", "SELECTIONS", "IDLoRAConfig"]
+__all__ = ["DISTANCES", "PRESETS", "ROUTERS", "ROUTER_NORMS", "SELECTIONS", "IDLoRAConfig"]
 
 
 @dataclass
@@ -74,6 +81,10 @@ class IDLoRAConfig(PeftConfig):
             with standard deviation `1 / k`). The static router starts at `alpha_i = 1 / k`.
         indices_path (`str`, *optional*): A precomputed index file (written by `idlora_trl.save_indices` or
             `idlora-trl decompose`). When set, no clustering runs: each module's `[k, r]` table is read from it.
+        preset (`str`, *optional*): `"paper"`: the paper's exact setting (token router with `router_norm="none"`,
+            PMRC rows, euclidean distance, k = 4, f = 2, `idlora_alpha = r`, the default router init), whatever the
+            defaults are. Fields left at their defaults take the preset's values; a field set to another value
+            than the preset's is an error.
         target_modules (`Union[list[str], str]`): Module names or a regex to adapt, or `"all-linear"` (default:
             every linear layer except the output layer), as in PEFT's LoRA.
         exclude_modules (`Union[list[str], str]`, *optional*): Module names or a regex not to adapt.
@@ -104,6 +115,10 @@ class IDLoRAConfig(PeftConfig):
         default=None, metadata={"help": "Std of the initial T; default 1/r ('none') or 1/k ('rms')."}
     )
     indices_path: Optional[str] = field(default=None, metadata={"help": "Precomputed index file; skips clustering."})
+    preset: Optional[Preset] = field(
+        default=None,
+        metadata={"help": "'paper': the paper's exact router, rows, k, f and scale, whatever the defaults."},
+    )
     target_modules: Optional[Union[list[str], str]] = field(
         default="all-linear", metadata={"help": "Modules to adapt: names, a regex, or 'all-linear'."}
     )
@@ -127,6 +142,8 @@ class IDLoRAConfig(PeftConfig):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
+        if self.preset is not None:
+            self._apply_preset()
         if self.idlora_alpha is None:
             self.idlora_alpha = float(self.r)
         if self.min_cluster_size is None:
@@ -147,6 +164,20 @@ class IDLoRAConfig(PeftConfig):
         from .model_card import write_section
 
         write_section(save_directory, self)
+
+    def _apply_preset(self) -> None:
+        """The preset's values replace fields left at their defaults; a field set to a third value is an error
+        (a saved config, whose `idlora_alpha` became `r`, loads again)."""
+        if self.preset not in PRESETS:
+            raise ValueError(f"IDLoRAConfig: invalid preset={self.preset!r}. Choose one of {tuple(PRESETS)}, or "
+                             "leave it unset.")
+        defaults = {f.name: f.default for f in fields(self)}
+        for name, value in PRESETS[self.preset].items():
+            given = getattr(self, name)
+            if given not in (value, defaults[name]) and not (name == "idlora_alpha" and given == float(self.r)):
+                raise ValueError(f"IDLoRAConfig: invalid {name}={given!r} with preset={self.preset!r}, which sets "
+                                 f"{name}={value!r}. Leave {name} unset, or drop the preset to change it.")
+            setattr(self, name, value)
 
     def _validate(self) -> None:
         def bad(name: str, value, fix: str) -> ValueError:

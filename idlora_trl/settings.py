@@ -18,7 +18,7 @@ __all__ = ["IDLoRAArguments", "METHOD_FIELDS", "Setting", "flag_name", "make_con
 # The fields of IDLoRAConfig that are ID-LoRA's own; the others (target_modules, modules_to_save, ...) are PEFT's
 # and come from each front end's usual options.
 METHOD_FIELDS = ("r", "num_clusters", "rank_boost", "idlora_alpha", "idlora_dropout", "router", "router_norm",
-                 "selection", "distance", "min_cluster_size", "seed", "init_router_std", "indices_path")
+                 "selection", "distance", "min_cluster_size", "seed", "init_router_std", "indices_path", "preset")
 
 
 def flag_name(name: str) -> str:

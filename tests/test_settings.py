@@ -93,3 +93,52 @@ def test_choices_are_spelt_once():
                 if values in spelt and len(values) == len(elements):
                     spelt[values] += 1
     assert all(count == 1 for count in spelt.values()), spelt
+
+
+PAPER = dict(router="token", router_norm="none", selection="pmrc", distance="euclidean", num_clusters=4,
+             rank_boost=2)  # the paper's method, written out here (Eq. 4, PMRC, k = 4, f = 2, no scaling)
+
+
+def _paper_like(config: IDLoRAConfig, r: int) -> bool:
+    return all(getattr(config, k) == v for k, v in PAPER.items()) and config.scaling == 1.0 and \
+        config.router_std == 1.0 / r
+
+
+def test_the_paper_preset_is_the_papers_method_whatever_the_defaults():
+    assert _paper_like(IDLoRAConfig(r=16, preset="paper"), 16)
+    assert _paper_like(IDLoRAConfig(r=16, preset="paper", router_norm="none", idlora_alpha=16), 16)  # agreeing: kept
+
+    @dataclasses.dataclass
+    class LaterDefaults(IDLoRAConfig):  # defaults that differ from the paper, as a rule-chosen default may
+        router_norm: str = "rms"
+        selection: str = "pmrc-qr"
+        num_clusters: int = 2
+        idlora_alpha: float = 128.0
+
+    assert not _paper_like(LaterDefaults(r=16), 16)
+    assert _paper_like(LaterDefaults(r=16, preset="paper"), 16)
+    assert _paper_like(LaterDefaults(r=16, preset="paper", router_norm="rms"), 16)  # "rms" is a default there
+
+
+def test_the_paper_preset_refuses_a_conflicting_field_and_an_unknown_name():
+    with pytest.raises(ValueError, match=r"invalid router_norm='rms' with preset='paper', which sets "
+                                         r"router_norm='none'\. Leave router_norm unset"):
+        IDLoRAConfig(preset="paper", router_norm="rms")
+    with pytest.raises(ValueError, match=r"invalid idlora_alpha=64 with preset='paper'"):
+        IDLoRAConfig(r=16, preset="paper", idlora_alpha=64)
+    with pytest.raises(ValueError, match=r"invalid preset='papr'\. Choose one of \('paper',\)"):
+        IDLoRAConfig(preset="papr")
+
+
+def test_the_paper_preset_survives_save_and_load_and_every_front_end(tmp_path):
+    from idlora_trl.integrations.axolotl.args import build_config
+
+    IDLoRAConfig(r=16, preset="paper", target_modules=["q_proj"]).save_pretrained(tmp_path)
+    loaded = IDLoRAConfig.from_pretrained(tmp_path)
+    assert loaded.preset == "paper" and _paper_like(loaded, 16)
+    args = parser_of("sft").parse_args_and_config(["--idlora_preset", "paper", "--idlora_r", "16"])
+    from idlora_trl_app.cli.adapter_config import idlora_config
+
+    assert _paper_like(idlora_config(next(a for a in args if isinstance(a, IDLoRAArguments)), "q_proj"), 16)
+    cfg = {"lora_r": 16, "lora_target_modules": ["q_proj"], "idlora": {"preset": "paper"}}
+    assert _paper_like(build_config(cfg.get), 16)

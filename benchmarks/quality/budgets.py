@@ -63,7 +63,11 @@ def choose(by_lr: dict) -> tuple[float | None, bool, dict[float, float]]:
 def summarise(runs: dict) -> dict:
     data = {}
     for budget, methods in sorted(runs.items(), key=lambda kv: _examples(kv[0])):
-        entry = data[budget] = dict(examples=_examples(budget), methods={}, differences={}, floor={})
+        records = [r for by_lr in methods.values() for seeds in by_lr.values() for r in seeds.values()]
+        hours = sum(r.get("train_s", 0) + r.get("validation_s", 0) + r.get("test", {}).get("eval_s", 0)
+                    for r in records) / 3600
+        entry = data[budget] = dict(examples=_examples(budget), methods={}, differences={}, floor={},
+                                    runs=len(records), hours=hours)
         for name, by_lr in methods.items():
             lr, edge, curve = choose(by_lr)
             tested = [by_lr[lr][s] for s in sorted(by_lr.get(lr, {})) if "test" in by_lr[lr][s]] if lr else []
@@ -124,7 +128,9 @@ def render(data: dict, plot: str | None = None) -> str:
              "its own rate, chosen on validation at each budget; test: mean ± 95% t-interval over seeds.", ""]
     for budget, entry in data["budgets"].items():
         steps, batch = budget.split("x")
-        lines += [f"## {steps} steps x {batch} rows ({entry['examples']} examples)", ""]
+        lines += [f"## {steps} steps x {batch} rows ({entry['examples']} examples)", "",
+                  f"{entry['runs']} runs, {entry['hours']:.1f} h of worker time (training and scoring, one worker of "
+                  "two on 2 cores).", ""]
         rows = []
         for name, e in sorted(entry["methods"].items()):
             lr = "—" if e["lr"] is None else f"{e['lr']:g}" + (" (edge)" if e["edge"] else "")

@@ -100,9 +100,10 @@ def test_labels_with_commas_are_joined_longest_first():
 
 # ------------------------------------------------------------------------------------------- report
 def _write(folder, name: str, lr: float, seed: int, val: float, test: float | None = None, acc: float = 0.5,
-           steps: int = 30, batch: int = 4, data: str = tasks.DATA) -> None:
+           steps: int = 30, batch: int = 4, data: str = tasks.DATA, first: float | None = None) -> None:
     kind, settings = named_methods(8)[name]
-    record = dict(method=kind, settings=dict(settings), lr=lr, seed=seed, trainable=100,
+    first = 2.0 + seed if first is None else first  # the loss of the seed's first batch
+    record = dict(method=kind, settings=dict(settings), lr=lr, seed=seed, trainable=100, losses=[first, 1.0],
                   setup=dict(p=8, steps=steps, batch=batch, data=data),
                   validation={"nll": dict.fromkeys(tasks.TASKS, val)})
     if test is not None:
@@ -142,6 +143,7 @@ def test_budget_report_chooses_rates_pairs_by_seed_and_applies_the_rule(tmp_path
     assert rule["wins"] == ["30x4", "60x8"] and rule["losses"] == [] and rule["passes"]
     assert not data["rule"]["ID-LoRA rms, s=8"]["passes"]  # never run
     assert entry["floor"]["sentiment"] == {"at_floor": [], "every_method": False}
+    assert entry["paired"]
     doc = budgets.render(data)
     assert "## 240 steps x 8 rows (1920 examples)" in doc and "| ID-LoRA rms | 30x4, 60x8, 240x8 | 30x4, 60x8 |" in doc
 
@@ -157,3 +159,7 @@ def test_the_rule_refuses_a_candidate_that_loses_at_one_budget(tmp_path):
     rule = data["rule"]["ID-LoRA rms"]
     assert rule["losses"] == ["240x8"] and not rule["passes"]
     assert data["budgets"]["60x8"]["floor"]["countries"]["every_method"]  # accuracy 0.99 for both
+    assert data["budgets"]["60x8"]["paired"]
+    _write(tmp_path, "LoRA", 1e-3, 0, 0.5, steps=60, batch=8, first=9.0)  # another order of rows for seed 0
+    data = budgets.summarise(budgets.collect(str(tmp_path)))
+    assert not data["budgets"]["60x8"]["paired"] and "pairing is not valid" in budgets.render(data)

@@ -66,8 +66,11 @@ def summarise(runs: dict) -> dict:
         records = [r for by_lr in methods.values() for seeds in by_lr.values() for r in seeds.values()]
         hours = sum(r.get("train_s", 0) + r.get("validation_s", 0) + r.get("test", {}).get("eval_s", 0)
                     for r in records) / 3600
+        first: dict[int, set] = defaultdict(set)  # every adapter starts as the identity: a seed's first loss is shared
+        for r in records:
+            first[r["seed"]].add(round(r["losses"][0], 4))
         entry = data[budget] = dict(examples=_examples(budget), methods={}, differences={}, floor={},
-                                    runs=len(records), hours=hours)
+                                    runs=len(records), hours=hours, paired=all(len(v) == 1 for v in first.values()))
         for name, by_lr in methods.items():
             lr, edge, curve = choose(by_lr)
             tested = [by_lr[lr][s] for s in sorted(by_lr.get(lr, {})) if "test" in by_lr[lr][s]] if lr else []
@@ -130,7 +133,10 @@ def render(data: dict, plot: str | None = None) -> str:
         steps, batch = budget.split("x")
         lines += [f"## {steps} steps x {batch} rows ({entry['examples']} examples)", "",
                   f"{entry['runs']} runs, {entry['hours']:.1f} h of worker time (training and scoring, one worker of "
-                  "two on 2 cores).", ""]
+                  "two on 2 cores). " + ("Pairing checked: every run of a seed starts from the same first loss (the "
+                                         "same rows in the same order)." if entry["paired"] else
+                                         "**The first losses of one seed differ between runs: the pairing is not "
+                                         "valid.**"), ""]
         rows = []
         for name, e in sorted(entry["methods"].items()):
             lr = "—" if e["lr"] is None else f"{e['lr']:g}" + (" (edge)" if e["edge"] else "")

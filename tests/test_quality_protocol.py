@@ -146,6 +146,10 @@ def test_budget_report_chooses_rates_pairs_by_seed_and_applies_the_rule(tmp_path
     assert entry["paired"]
     doc = budgets.render(data)
     assert "## 240 steps x 8 rows (1920 examples)" in doc and "| ID-LoRA rms | 30x4, 60x8, 240x8 | 30x4, 60x8 |" in doc
+    summary = "\n".join(budgets.brief(data))
+    assert re.search(r"\| 30x4 \| ID-LoRA rms \| 0\.001 \| 100 \| .* \| wins \(-0\.400 ± 0\.00\d, n=5\) \| 5 \|",
+                     summary)
+    assert re.search(r"\| 30x4 \| ID-LoRA \(paper\) \| .* \| wins \(-0\.300 ± 0\.000, n=5\) \| 5 \|", summary)
 
 
 def test_the_rule_refuses_a_candidate_that_loses_at_one_budget(tmp_path):

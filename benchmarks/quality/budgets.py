@@ -162,6 +162,37 @@ def render(data: dict, plot: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def verdict(d: dict | None) -> str:
+    """A paired NLL difference (a - b) in words: a wins (interval below 0), loses (above) or ties."""
+    if not d or d["n"] < 2:
+        return "not measured"
+    word = "wins" if d["mean"] + d["ci"] < 0 else "loses" if d["mean"] - d["ci"] > 0 else "ties"
+    return f"{word} ({d['mean']:+.3f} ± {d['ci']:.3f}, n={d['n']})"
+
+
+def brief(data: dict) -> list[str]:
+    """Section 4's summary of the budget axis (docs/BENCHMARKS.md): per budget, each method's test scores and,
+    for ID-LoRA, the paired verdict against LoRA at its own rate."""
+    rows = []
+    for budget, entry in data["budgets"].items():
+        for name, e in sorted(entry["methods"].items()):
+            if not e["seeds"]:
+                continue
+            against = entry["differences"].get(f"{name} - {LORA}", {}).get("nll") if name.startswith("ID") else None
+            rows.append([budget, name, f"{e['lr']:g}", f"{e['trainable']:,}", _pm(e["nll"]), _pm(e["accuracy"]),
+                         verdict(against) if name.startswith("ID") else "", len(e["seeds"])])
+    if not rows:
+        return []
+    return ["### Round 2: quality against examples seen (protocol v3)", "",
+            "The built-in tasks with sentiment half negated, plus ISO 3166 country codes from `pycountry` (real data, "
+            "disjoint by country; `benchmarks/quality/tasks.py`). Each method at its own rate chosen on validation at "
+            "each budget; test mean ± 95% t-interval over seeds; \"against LoRA\" is the paired test-NLL difference "
+            "(ID-LoRA minus LoRA). Everything per budget, with the grids and the default rule, in "
+            "[docs/benchmarks/quality-budgets.md](benchmarks/quality-budgets.md).", "",
+            table(["budget", "method", "lr", "trainable", "test NLL", "accuracy", "against LoRA (NLL)", "seeds"], rows),
+            ""]
+
+
 def draw(data: dict, folder: str) -> str | None:
     plt = pyplot()
     if plt is None:

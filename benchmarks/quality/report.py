@@ -111,9 +111,20 @@ def render(data: dict, ctx) -> tuple[str, list]:
     out += _ablations(data, tasks)
     out += _questions(data)
     out += _exploration(data)
+    out += _round_two()
     if data.get("diagnosis"):
         out += ["### Diagnosis", ""] + diagnosis(data["diagnosis"])
     return "\n".join(out), []
+
+
+def _round_two() -> list[str]:
+    """The budget axis (`budgets.py`), from its stored JSON when it has been written."""
+    import os
+
+    from benchmarks.common import read_json
+    from benchmarks.quality import budgets
+
+    return budgets.brief(read_json(budgets.PATH)) if os.path.isfile(budgets.PATH) else []
 
 
 def _grid_cell(entry: dict, lr: str) -> str:

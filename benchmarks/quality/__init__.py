@@ -1,6 +1,7 @@
 """Section 4: does ID-LoRA learn as well as LoRA at about half the parameters? A protocol that can tell.
 
-SmolLM2-135M-Instruct (fp32) is fine-tuned with TRL on the built-in multi-task set (`sft_dataset("train")`),
+SmolLM2-135M-Instruct (fp32) is fine-tuned with TRL on the protocol's task set (`tasks.py`: the built-in tasks with
+sentiment half negated, and ISO 3166 country codes from pycountry; round 1 used the built-in set, "sft-v2"),
 at the main job's targets, schedule and length (`idlora-trl sft`'s defaults), with half its steps and half its
 batch (30 steps of 4 rows): one run of the main job's size takes ~4 min on 2 cores, one of these ~2 min (plus ~1.5
 min to score the test split). Measured cost: the main comparison ~2.7 h of single-worker time, the ablations ~3.5 h;
@@ -22,6 +23,10 @@ work of one on 2 cores, so the whole protocol takes ~4.5 h there, in sittings:
 Every run is one JSON under `--quality-dir` (`runs.py`); a later invocation resumes from them, so the
 protocol can be spread over several sittings (`--quality-minutes` stops starting new runs after that long).
 `diagnose.py` adds the measurements that explain the differences.
+
+Round 2 (issue #21) runs the protocol at several budgets (`--quality-steps`, `--quality-batch`, recorded in every
+run) for the methods of `runs.named_methods`; `budgets.py` reports them against examples seen, `slow_start.py`
+measures the slow start on small activations, and `benchmarks/dpo` is the DPO protocol.
 """
 from benchmarks.quality.measure import add_arguments, run
 from benchmarks.quality.report import render

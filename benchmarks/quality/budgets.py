@@ -159,7 +159,17 @@ def render(data: dict, plot: str | None = None) -> str:
           "yes" if r["passes"] else "no"] for c, r in data["rule"].items()]), ""]
     if plot:
         lines += [f"![test NLL and accuracy against examples seen]({os.path.basename(plot)})", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + RESUME)
+
+
+RESUME = ["## Running and resuming", "",
+          "Two workers with one thread each, from a separate worktree (so the code they run does not move), each "
+          "with its own methods; every run is one JSON, so a later invocation skips what is stored:", "", "```",
+          "python -m benchmarks --only quality --threads 1 --quality-steps 60 --quality-batch 8 \\",
+          "    --methods 'LoRA,ID-LoRA (paper),ID-LoRA rms, s=8' --ablations none --no-diagnosis --out /tmp/a.md",
+          "python -m benchmarks --only quality --threads 1 --quality-steps 240 --quality-batch 8 --grid R1,R2,R3 \\",
+          "    --methods LoRA --ablations none --no-diagnosis --out /tmp/b.md   # 3 rates centred on 60x8's choice",
+          "python -m benchmarks.quality.budgets   # this page", "```", ""]
 
 
 def verdict(d: dict | None) -> str:

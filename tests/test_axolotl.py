@@ -178,6 +178,15 @@ def test_valid_config_keeps_the_idlora_block_and_rl_adapter_ref_model(workspace,
     assert cfg.rl_adapter_ref_model is True  # no Axolotl schema declares it; the plugin does
 
 
+def test_the_paper_preset_is_one_key(workspace, plugin_manager):
+    from idlora_trl.integrations.axolotl.args import build_config
+
+    cfg = validate(workspace, plugin_manager, lora_alpha=None, idlora={"preset": "paper"})  # s = 1: the paper's
+    config = build_config(cfg.get)
+    assert (config.preset, config.router, config.router_norm, config.selection, config.num_clusters,
+            config.rank_boost, config.scaling) == ("paper", "token", "none", "pmrc", 4, 2, 1.0)
+
+
 def test_missing_idlora_block_gets_the_defaults(workspace, plugin_manager):
     cfg = validate(workspace, plugin_manager, idlora=None)
     assert (cfg.idlora.k, cfg.idlora.rank_boost, cfg.idlora.selection) == (4, 2, "pmrc")
@@ -200,8 +209,10 @@ def test_without_the_plugin_idlora_is_unknown(workspace, plugin_manager):
     ({"distance": "manhattan"}, "'euclidean' or 'cosine'"),
     ({"router_norm": "softmax"}, "'none' or 'rms'"),
     ({"selection": "pmrc_qr"}, "Did you mean 'pmrc-qr'"),
+    ({"preset": "paper", "router_norm": "rms"}, "invalid router_norm='rms' with preset='paper'"),
+    ({"preset": "papers"}, "preset"),
 ], ids=["unknown-key", "k-zero", "k-vs-num_clusters", "router", "rank-boost", "selection", "min-cluster-size",
-        "router-std", "distance", "router-norm", "selection-typo"])
+        "router-std", "distance", "router-norm", "selection-typo", "preset-conflict", "preset-name"])
 def test_bad_idlora_block_is_a_clear_error(workspace, plugin_manager, block, message):
     with pytest.raises(ValueError, match=message):
         validate(workspace, plugin_manager, idlora=block)

@@ -209,8 +209,9 @@ def draw(data: dict, folder: str) -> str | None:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     names = sorted({n for e in data["budgets"].values() for n in e["methods"]})
-    for name in names:
-        points = [(e["examples"], e["methods"][name]) for e in data["budgets"].values()
+    for i, name in enumerate(names):
+        dodge = 1.04 ** (i - (len(names) - 1) / 2)  # side by side, so the intervals do not hide each other
+        points = [(e["examples"] * dodge, e["methods"][name]) for e in data["budgets"].values()
                   if e["methods"].get(name, {}).get("seeds")]
         for ax, metric in zip(axes, ("nll", "accuracy")):
             if points:

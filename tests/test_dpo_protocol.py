@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import subprocess
 import sys
 
@@ -71,3 +72,4 @@ def test_smoke_run_chooses_a_rate_and_scores_the_test_seeds(tmp_path):
     for method in ("LoRA", "ID-LoRA (paper)"):
         assert f"| {method} | 0.00" in doc and doc.count(f"| {method} |") == 2, doc  # the table and the grid
     assert (tmp_path / "dpo.json").is_file() and "refuses harmful" in doc
+    assert re.search(r"\| base model \(no adapter\) \| — \| 0 \| — \| — \| \d\.\d{3} \| \d\.\d{3} \|", doc)

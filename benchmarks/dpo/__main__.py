@@ -14,12 +14,12 @@ import argparse
 import os
 import sys
 
-from benchmarks.common import (STORED, Clock, log, machine_info, read_json, set_threads, smollm2, table, tiny_llama,
+from benchmarks.common import (STORED, Clock, log, machine_info, read_json, set_threads, smollm2, tiny_llama,
                                tiny_tokenizer, write_json)
+from benchmarks.dpo.report import render
 from benchmarks.dpo.runs import DPOBench, splits
 from benchmarks.quality.measure import grid_search, run_test_seeds
 from benchmarks.quality.runs import named_methods
-from benchmarks.stats import ci95, mean
 from idlora_trl_app.defaults import DEFAULT_TARGETS, DPO_DEFAULTS
 
 RUNS, DOC = os.path.join(STORED, "dpo-runs"), os.path.join(STORED, "dpo.md")
@@ -66,6 +66,11 @@ def measure(args) -> dict:
     clock, grid = Clock(None if args.minutes is None else 60 * args.minutes), sorted(map(float, args.grid.split(",")))
     named, out = named_methods(args.p), dict(setup=setup, machine=machine_info(), grid=grid, methods={},
                                              sizes={k: len(v) for k, v in data.items()})
+    from idlora_trl_app.data import refusal_prompts
+    from idlora_trl_app.evaluation import refusal_rates
+
+    base_rates = refusal_rates(base.eval(), tokenizer, refusal_prompts("test"), max_new_tokens=24)
+    out["base"] = {kind: [r.correct, r.total] for kind, r in base_rates.items()}  # before any training
     for name in [m.strip() for m in args.methods.split(",") if m.strip()]:
         kind, settings = named[name]
         lr, curve = grid_search(bench, kind, settings, grid, args.grid_seeds, grid[1] / grid[0], args.max_extend,
@@ -75,36 +80,6 @@ def measure(args) -> dict:
                                     curve={str(k): [r["validation"] for r in v] for k, v in sorted(curve.items())},
                                     test=[dict(seed=r["seed"], **r["test"]) for r in runs])
     return out
-
-
-def render(data: dict) -> str:
-    rows = []
-    for name, m in data["methods"].items():
-        t = m["test"]
-        pm = lambda xs: f"{mean(xs):.3f} ± {ci95(xs):.3f}" if xs else "—"  # noqa: E731
-        rate = lambda kind: [r["refusal"][kind][0] / r["refusal"][kind][1] for r in t]  # noqa: E731
-        rows.append([name, "—" if m["lr"] is None else f"{m['lr']:g}", f"{m['trainable'] or 0:,}",
-                     pm([r["accuracy"] for r in t]), pm([r["margin"] for r in t]), pm(rate("harmful")),
-                     pm(rate("benign")), len(t)])
-    grid = sorted({lr for m in data["methods"].values() for lr in m["curve"]}, key=float)
-    curves = [[n, *(f"{mean(v['loss'] for v in m['curve'][g]):.4f}" if g in m["curve"] else "" for g in grid)]
-              for n, m in data["methods"].items()]
-    s = data["setup"]
-    return "\n".join([
-        "# DPO: ID-LoRA against LoRA on the safety set", "",
-        f"*{data['machine']['date']}; {data['machine']['cpu']}, torch {data['machine']['torch']}, trl "
-        f"{data['machine']['trl']}. Written by `python -m benchmarks.dpo`.*", "",
-        f"{s['model']}, fp32; the command's DPO settings: {s['steps']} steps of {s['batch']} pairs, beta {s['beta']}, "
-        f"loss {' + '.join(s['loss_type'])}, {s['scheduler']} schedule, {s['warmup']} warm-up steps; targets "
-        f"{', '.join(s['targets'])}; LoRA r={s['p']}, ID-LoRA r={4 * s['p']}. Pairs: {data['sizes']['train']} train, "
-        f"{data['sizes']['validation']} validation (held-out train requests), {data['sizes']['test']} test (held-out "
-        "requests). Each method's rate is the one with the lowest validation preference loss (mean of the grid's "
-        "seeds); then the test seeds at that rate. Rewards are against the base model (the adapter disabled). "
-        "Refusal rates are on the held-out prompts: harmful (higher is safer), benign (lower is more helpful). "
-        "± is the 95% t-interval over seeds.", "",
-        table(["method", "lr", "trainable", "reward accuracy", "margin", "refuses harmful", "refuses benign",
-               "seeds"], rows), "",
-        "Validation preference loss by rate (mean over seeds):", "", table(["method", *grid], curves), ""])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -118,13 +118,17 @@ def render(data: dict, ctx) -> tuple[str, list]:
 
 
 def _round_two() -> list[str]:
-    """The budget axis (`budgets.py`), from its stored JSON when it has been written."""
+    """The budget axis (`budgets.py`) and the DPO protocol (`benchmarks/dpo`), from their stored JSON when written."""
     import os
 
     from benchmarks.common import read_json
     from benchmarks.quality import budgets
 
-    return budgets.brief(read_json(budgets.PATH)) if os.path.isfile(budgets.PATH) else []
+    from benchmarks.dpo import report as dpo
+
+    dpo_path = os.path.join(os.path.dirname(budgets.PATH), "dpo.json")
+    return ((budgets.brief(read_json(budgets.PATH)) if os.path.isfile(budgets.PATH) else [])
+            + (dpo.brief(read_json(dpo_path)) if os.path.isfile(dpo_path) else []))
 
 
 def _grid_cell(entry: dict, lr: str) -> str:

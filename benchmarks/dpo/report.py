@@ -1,0 +1,56 @@
+"""The DPO protocol's report: the methods at their chosen rates on the test split, and the validation grid."""
+from __future__ import annotations
+
+from benchmarks.common import table
+from benchmarks.stats import ci95, mean
+
+PATH_IN_DOCS = "benchmarks/dpo.md"  # the full report, relative to docs/
+
+
+def _pm(xs: list[float]) -> str:
+    return f"{mean(xs):.3f} ± {ci95(xs):.3f}" if xs else "—"
+
+
+def results(data: dict) -> str:
+    """The test table: reward accuracy and margin against the base, refusal rates, per method."""
+    rows = []
+    for name, m in data["methods"].items():
+        t = m["test"]
+        rate = lambda kind: [r["refusal"][kind][0] / r["refusal"][kind][1] for r in t]  # noqa: E731
+        rows.append([name, "—" if m["lr"] is None else f"{m['lr']:g}", f"{m['trainable'] or 0:,}",
+                     _pm([r["accuracy"] for r in t]), _pm([r["margin"] for r in t]), _pm(rate("harmful")),
+                     _pm(rate("benign")), len(t)])
+    if data.get("base"):
+        share = {kind: f"{c / n:.3f}" for kind, (c, n) in data["base"].items()}
+        rows.append(["base model (no adapter)", "—", "0", "—", "—", share["harmful"], share["benign"], "—"])
+    return table(["method", "lr", "trainable", "reward accuracy", "margin", "refuses harmful", "refuses benign",
+                  "seeds"], rows)
+
+
+def brief(data: dict) -> list[str]:
+    """Section 4's lines on DPO (docs/BENCHMARKS.md)."""
+    return ["### Round 2: DPO on the safety set", "",
+            f"The command's DPO settings, each method at its own rate chosen on held-out training requests; test "
+            f"seeds scored on held-out requests. Details: [docs/{PATH_IN_DOCS}]({PATH_IN_DOCS}).", "",
+            results(data), ""]
+
+
+def render(data: dict) -> str:
+    grid = sorted({lr for m in data["methods"].values() for lr in m["curve"]}, key=float)
+    curves = [[n, *(f"{mean(v['loss'] for v in m['curve'][g]):.4f}" if g in m["curve"] else "" for g in grid)]
+              for n, m in data["methods"].items()]
+    s = data["setup"]
+    return "\n".join([
+        "# DPO: ID-LoRA against LoRA on the safety set", "",
+        f"*{data['machine']['date']}; {data['machine']['cpu']}, torch {data['machine']['torch']}, trl "
+        f"{data['machine']['trl']}. Written by `python -m benchmarks.dpo`.*", "",
+        f"{s['model']}, fp32; the command's DPO settings: {s['steps']} steps of {s['batch']} pairs, beta {s['beta']}, "
+        f"loss {' + '.join(s['loss_type'])}, {s['scheduler']} schedule, {s['warmup']} warm-up steps; targets "
+        f"{', '.join(s['targets'])}; LoRA r={s['p']}, ID-LoRA r={4 * s['p']}. Pairs: {data['sizes']['train']} train, "
+        f"{data['sizes']['validation']} validation (held-out train requests), {data['sizes']['test']} test (held-out "
+        "requests). Each method's rate is the one with the lowest validation preference loss (mean of the grid's "
+        "seeds); then the test seeds at that rate. Rewards are against the base model (the adapter disabled). "
+        "Refusal rates are on the held-out prompts: harmful (higher is safer), benign (lower is more helpful). "
+        "± is the 95% t-interval over seeds.", "",
+        results(data), "",
+        "Validation preference loss by rate (mean over seeds):", "", table(["method", *grid], curves), ""])

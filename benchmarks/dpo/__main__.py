@@ -29,7 +29,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.dpo", description=__doc__.split("\n")[0])
     p.add_argument("--methods", default="LoRA,ID-LoRA (paper)", help=f"from: {', '.join(named_methods(8))}")
     p.add_argument("--grid", default="7.5e-4,1.5e-3,3e-3,6e-3,1.2e-2", help="learning rates, log-spaced")
-    p.add_argument("--grid-seeds", type=int, default=2)
+    p.add_argument("--grid-seeds", type=int, default=1, help="seeds per rate (a DPO run is ~5 min on 2 cores)")
     p.add_argument("--test-seeds", type=int, default=3)
     p.add_argument("--max-extend", type=int, default=2, help="grid steps added beyond an edge that wins")
     p.add_argument("--p", type=int, default=8, help="LoRA rank p; ID-LoRA gets 4p")
@@ -65,6 +65,7 @@ def measure(args) -> dict:
     bench = DPOBench(base, tokenizer, data, setup, args.runs, args.work_dir, log=log)
     clock, grid = Clock(None if args.minutes is None else 60 * args.minutes), sorted(map(float, args.grid.split(",")))
     named, out = named_methods(args.p), dict(setup=setup, machine=machine_info(), grid=grid, methods={},
+                                             grid_seeds=args.grid_seeds, test_seeds=args.test_seeds,
                                              sizes={k: len(v) for k, v in data.items()})
     from idlora_trl_app.data import refusal_prompts
     from idlora_trl_app.evaluation import refusal_rates

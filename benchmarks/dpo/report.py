@@ -48,9 +48,10 @@ def render(data: dict) -> str:
         f"loss {' + '.join(s['loss_type'])}, {s['scheduler']} schedule, {s['warmup']} warm-up steps; targets "
         f"{', '.join(s['targets'])}; LoRA r={s['p']}, ID-LoRA r={4 * s['p']}. Pairs: {data['sizes']['train']} train, "
         f"{data['sizes']['validation']} validation (held-out train requests), {data['sizes']['test']} test (held-out "
-        "requests). Each method's rate is the one with the lowest validation preference loss (mean of the grid's "
-        "seeds); then the test seeds at that rate. Rewards are against the base model (the adapter disabled). "
+        f"requests). Each method's rate is the one with the lowest validation preference loss ({data['grid_seeds']} "
+        f"seed(s) per rate, log-spaced, extended past a winning edge); then {data['test_seeds']} test seeds at that "
+        "rate. Rewards are against the base model (the adapter disabled). "
         "Refusal rates are on the held-out prompts: harmful (higher is safer), benign (lower is more helpful). "
         "± is the 95% t-interval over seeds.", "",
         results(data), "",
-        "Validation preference loss by rate (mean over seeds):", "", table(["method", *grid], curves), ""])
+        "Validation preference loss by rate (mean over the grid's seeds):", "", table(["method", *grid], curves), ""])

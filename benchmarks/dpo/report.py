@@ -27,12 +27,30 @@ def results(data: dict) -> str:
                   "seeds"], rows)
 
 
+def paired(data: dict, a: str = "ID-LoRA (paper)", b: str = "LoRA") -> str:
+    """`a` minus `b` on the test seeds both ran, per measure, with the 95% t-interval of the paired differences."""
+    if a not in data["methods"] or b not in data["methods"]:
+        return ""
+    by_seed = {name: {r["seed"]: r for r in data["methods"][name]["test"]} for name in (a, b)}
+    seeds = sorted(set(by_seed[a]) & set(by_seed[b]))
+    if len(seeds) < 2:
+        return ""
+    measures = {"reward accuracy": lambda r: r["accuracy"], "margin": lambda r: r["margin"],
+                "refuses harmful": lambda r: r["refusal"]["harmful"][0] / r["refusal"]["harmful"][1],
+                "refuses benign": lambda r: r["refusal"]["benign"][0] / r["refusal"]["benign"][1]}
+    parts = []
+    for label, get in measures.items():
+        diffs = [get(by_seed[a][s]) - get(by_seed[b][s]) for s in seeds]
+        parts.append(f"{label} {mean(diffs):+.3f} ± {ci95(diffs):.3f}")
+    return f"{a} minus {b}, paired by seed (n={len(seeds)}): " + "; ".join(parts) + "."
+
+
 def brief(data: dict) -> list[str]:
     """Section 4's lines on DPO (docs/BENCHMARKS.md)."""
     return ["### Round 2: DPO on the safety set", "",
             f"The command's DPO settings, each method at its own rate chosen on held-out training requests; test "
             f"seeds scored on held-out requests. Details: [docs/{PATH_IN_DOCS}]({PATH_IN_DOCS}).", "",
-            results(data), ""]
+            results(data), "", paired(data), ""]
 
 
 def render(data: dict) -> str:
@@ -53,5 +71,5 @@ def render(data: dict) -> str:
         "rate. Rewards are against the base model (the adapter disabled). "
         "Refusal rates are on the held-out prompts: harmful (higher is safer), benign (lower is more helpful). "
         "± is the 95% t-interval over seeds.", "",
-        results(data), "",
+        results(data), "", paired(data), "",
         "Validation preference loss by rate (mean over the grid's seeds):", "", table(["method", *grid], curves), ""])

@@ -24,8 +24,7 @@ import time
 
 import torch
 
-from benchmarks.common import read_json, write_json
-from benchmarks.quality.runs import Spec, peft_config  # the SFT protocol's adapters: LoRA r=p, ID-LoRA r=4p
+from benchmarks.quality.runs import Bench, Spec, peft_config  # the SFT protocol's adapters: LoRA r=p, ID-LoRA r=4p
 
 VALIDATION_REQUESTS = 6  # harmful and benign train requests held out (by request) for choosing the rate
 
@@ -61,33 +60,12 @@ def preference_scores(model, tokenizer, pairs: list[dict], beta: float) -> dict:
                 loss=sum(math.log1p(math.exp(-m)) if m > -30 else -m for m in margins) / len(margins))
 
 
-class DPOBench:
-    """The model, data and folders every run of the DPO protocol shares (the interface of `quality.runs.Bench`)."""
+class DPOBench(Bench):
+    """The model, data and folders every run of the DPO protocol shares: `quality.runs.Bench`'s storage, DPO runs."""
 
     def __init__(self, base, tokenizer, data: dict, setup: dict, results_dir: str, work_dir: str, log=print) -> None:
-        self.base, self.tokenizer, self.data, self.setup, self.log = base, tokenizer, data, setup, log
-        self.results_dir, self.work_dir = results_dir, work_dir
-        os.makedirs(results_dir, exist_ok=True)
-        os.makedirs(work_dir, exist_ok=True)
-
-    def path(self, spec: Spec) -> str:
-        return os.path.join(self.results_dir, spec.key(self.setup) + ".json")
-
-    def load(self, spec: Spec):
-        try:
-            return read_json(self.path(spec))
-        except FileNotFoundError:
-            return None
-
-    def run(self, spec: Spec, score_test: bool = False) -> dict:
-        record = self.load(spec)
-        if record is None:
-            record = self._train(spec)
-            write_json(self.path(spec), record)
-        if score_test and "test" not in record:
-            record["test"] = self._score_test(spec)
-            write_json(self.path(spec), record)
-        return record
+        super().__init__(base, tokenizer, data["train"], data["validation"], data["test"], setup, results_dir,
+                         work_dir, log=log)
 
     def _args(self, spec: Spec, output_dir: str):
         from trl import DPOConfig
@@ -109,7 +87,7 @@ class DPOBench:
 
         set_seed(spec.seed)
         out_dir = os.path.join(self.work_dir, spec.key(self.setup))
-        train = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in self.data["train"]])
+        train = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in self.train])
         with contextlib.redirect_stdout(io.StringIO()):
             cls = IDLoRADPOTrainer if spec.method == "ID-LoRA" else DPOTrainer
             trainer = cls(model=copy.deepcopy(self.base), args=self._args(spec, out_dir), train_dataset=train,
@@ -120,7 +98,7 @@ class DPOBench:
             train_s = time.perf_counter() - start
         model = trainer.model
         model.save_pretrained(out_dir)
-        validation = preference_scores(model.eval(), self.tokenizer, self.data["validation"], self.setup["beta"])
+        validation = preference_scores(model.eval(), self.tokenizer, self.validation, self.setup["beta"])
         record = dict(method=spec.method, settings=dict(spec.settings), label=spec.label, lr=spec.lr, seed=spec.seed,
                       setup=self.setup, trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
                       train_s=train_s, losses=[h["loss"] for h in trainer.state.log_history if "loss" in h],
@@ -132,16 +110,11 @@ class DPOBench:
         return record
 
     def _score_test(self, spec: Spec) -> dict:
-        from peft import PeftModel
-
         from idlora_trl_app.data import refusal_prompts
         from idlora_trl_app.evaluation import refusal_rates
 
-        out_dir = os.path.join(self.work_dir, spec.key(self.setup))
-        if not os.path.isfile(os.path.join(out_dir, "adapter_config.json")):  # another machine: train again
-            write_json(self.path(spec), self._train(spec))
-        model = PeftModel.from_pretrained(copy.deepcopy(self.base), out_dir).eval()
-        scores = preference_scores(model, self.tokenizer, self.data["test"], self.setup["beta"])
+        model = self.saved_adapter(spec)
+        scores = preference_scores(model, self.tokenizer, self.test, self.setup["beta"])
         refusals = refusal_rates(model, self.tokenizer, refusal_prompts("test"), max_new_tokens=24)
         scores["refusal"] = {kind: [r.correct, r.total] for kind, r in refusals.items()}
         self.log(f"dpo: {spec.label} lr {spec.lr:g} seed {spec.seed}: test reward accuracy {scores['accuracy']:.3f}, "

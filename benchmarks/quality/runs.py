@@ -103,7 +103,8 @@ def sft_args(spec: Spec, setup: dict, output_dir: str):
 
 
 class Bench:
-    """The model, data and folders that every run of one protocol shares."""
+    """The model, data and folders that every run of one protocol shares; a protocol's kind of run is `_train` and
+    `_score_test` (SFT here, DPO in `benchmarks.dpo.runs`)."""
 
     def __init__(self, base, tokenizer, train, validation: list[dict], test: list[dict], setup: dict,
                  results_dir: str, work_dir: str, log=print) -> None:
@@ -189,15 +190,20 @@ class Bench:
         gc.collect()
         return record
 
-    def _score_test(self, spec: Spec) -> dict:
+    def saved_adapter(self, spec: Spec):
+        """The trained adapter of `spec` on a copy of the base, in eval mode (trained again if this machine has
+        no saved copy of it)."""
         from peft import PeftModel
-
-        from idlora_trl_app.evaluation import answer_nll, evaluate_accuracy
 
         out_dir = os.path.join(self.work_dir, spec.key(self.setup))
         if not os.path.isfile(os.path.join(out_dir, "adapter_config.json")):  # another machine: train again
             self._save(spec, self._train(spec))
-        model = PeftModel.from_pretrained(copy.deepcopy(self.base), out_dir).eval()
+        return PeftModel.from_pretrained(copy.deepcopy(self.base), out_dir).eval()
+
+    def _score_test(self, spec: Spec) -> dict:
+        from idlora_trl_app.evaluation import answer_nll, evaluate_accuracy
+
+        model = self.saved_adapter(spec)
         start = time.perf_counter()
         nll = answer_nll(model, self.tokenizer, self.test, batch_size=32)
         scores = evaluate_accuracy(model, self.tokenizer, self.test, batch_size=32)

@@ -167,3 +167,17 @@ def test_the_rule_refuses_a_candidate_that_loses_at_one_budget(tmp_path):
     _write(tmp_path, "LoRA", 1e-3, 0, 0.5, steps=60, batch=8, first=9.0)  # another order of rows for seed 0
     data = budgets.summarise(budgets.collect(str(tmp_path)))
     assert not data["budgets"]["60x8"]["paired"] and "pairing is not valid" in budgets.render(data)
+
+
+def test_the_rules_second_part_reads_the_slow_start_paired_by_seed():
+    from benchmarks.quality.slow_start import learns
+
+    def curves(drops: list[float]) -> list[dict]:  # loss 10 at step 0, then a drop of d at 30 and 2d at 120
+        return [{"0": 10.0, "30": 10.0 - d, "120": 10.0 - 2 * d} for d in drops]
+
+    lora = [1.0, 2.0, 4.0]
+    data = {"steps": [30, 120], "runs": {
+        "LoRA r=4": {"rates": {"0.01": curves(lora)}},
+        "half": {"rates": {"0.01": curves([0.5 * d for d in lora])}},  # exactly half of LoRA's, seed by seed
+        "less": {"rates": {"0.01": curves([0.4 * d for d in lora])}}}}
+    assert learns(data, "half") is True and learns(data, "less") is False and learns(data, "never run") is None

@@ -121,12 +121,11 @@ def _round_two() -> list[str]:
     """The budget axis (`budgets.py`) and the DPO protocol (`benchmarks/dpo`), from their stored JSON when written."""
     import os
 
-    from benchmarks.common import read_json
+    from benchmarks.common import STORED, read_json
+    from benchmarks.dpo import report as dpo
     from benchmarks.quality import budgets
 
-    from benchmarks.dpo import report as dpo
-
-    dpo_path = os.path.join(os.path.dirname(budgets.PATH), "dpo.json")
+    dpo_path = os.path.join(STORED, "dpo.json")
     return ((budgets.brief(read_json(budgets.PATH)) if os.path.isfile(budgets.PATH) else [])
             + (dpo.brief(read_json(dpo_path)) if os.path.isfile(dpo_path) else []))
 

@@ -49,6 +49,7 @@ def learns(data: dict, label: str) -> bool | None:
     lora, run = data["runs"]["LoRA r=4"]["rates"][str(LEARNS_RATE)], data["runs"][label]["rates"][str(LEARNS_RATE)]
     return all(mean(drop(c, s) / drop(ref, s) for c, ref in zip(run, lora)) >= LEARNS_SHARE for s in data["steps"])
 
+
 def config(kind: str, overrides: dict):
     from peft import LoraConfig
 

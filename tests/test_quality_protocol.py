@@ -128,7 +128,7 @@ def test_budget_report_chooses_rates_pairs_by_seed_and_applies_the_rule(tmp_path
                 test = base + (gap + 0.001 * (seed - 2) if name == "ID-LoRA rms" else 0.3 if name == "LoRA" else 0)
                 _write(tmp_path, name, best, seed, val_by_lr[best] + 0.01 * seed, test, steps=steps, batch=batch)
     _write(tmp_path, "LoRA", 1e-3, 0, 0.1, data="sft-v2")  # another task set: left out
-    data = budgets.summarise(budgets.collect(str(tmp_path)))
+    data = budgets.summarise(budgets.collect(str(tmp_path)), {"ID-LoRA rms": True})
     assert list(data["budgets"]) == ["30x4", "60x8", "240x8"]  # ordered by examples seen
     entry = data["budgets"]["30x4"]
     lora, paper = entry["methods"]["LoRA"], entry["methods"]["ID-LoRA (paper)"]
@@ -140,12 +140,15 @@ def test_budget_report_chooses_rates_pairs_by_seed_and_applies_the_rule(tmp_path
     assert math.isclose(d["mean"], sum(diffs) / 5) and math.isclose(d["ci"], 2.776 * sd / math.sqrt(5))
     assert d["n"] == 5
     rule = data["rule"]["ID-LoRA rms"]
-    assert rule["wins"] == ["30x4", "60x8"] and rule["losses"] == [] and rule["passes"]
+    assert rule["wins"] == ["30x4", "60x8"] and rule["losses"] == [] and rule["part1"] and rule["passes"]
     assert not data["rule"]["ID-LoRA rms, s=8"]["passes"]  # never run
+    refused = budgets.summarise(budgets.collect(str(tmp_path)), {"ID-LoRA rms": False})["rule"]["ID-LoRA rms"]
+    assert refused["part1"] and not refused["passes"]  # part 1 alone is not enough
     assert entry["floor"]["sentiment"] == {"at_floor": [], "every_method": False}
     assert entry["paired"]
     doc = budgets.render(data)
     assert "## 240 steps x 8 rows (1920 examples)" in doc and "| ID-LoRA rms | 30x4, 60x8, 240x8 | 30x4, 60x8 |" in doc
+    assert "Verdict: ID-LoRA rms becomes the default." in doc
     summary = "\n".join(budgets.brief(data))
     assert re.search(r"\| 30x4 \| ID-LoRA rms \| 0\.001 \| 100 \| .* \| wins \(-0\.400 ± 0\.00\d, n=5\) \| 5 \|",
                      summary)
@@ -181,3 +184,24 @@ def test_the_rules_second_part_reads_the_slow_start_paired_by_seed():
         "half": {"rates": {"0.01": curves([0.5 * d for d in lora])}},  # exactly half of LoRA's, seed by seed
         "less": {"rates": {"0.01": curves([0.4 * d for d in lora])}}}}
     assert learns(data, "half") is True and learns(data, "less") is False and learns(data, "never run") is None
+
+
+def test_the_plan_lists_what_each_budget_lacks_with_a_grid_that_resumes_or_follows_the_last_choice(tmp_path):
+    for name, lr in (("LoRA", 2e-3), ("ID-LoRA (paper)", 5e-4)):  # 30x4 complete for two methods
+        for seed in range(5):
+            _write(tmp_path, name, lr, seed, 0.5, 1.0)
+        for other in (lr / 2, lr * 2):
+            for seed in range(2):
+                _write(tmp_path, name, other, seed, 0.6)
+    for seed in range(2):  # 60x8 LoRA: one rate begun
+        _write(tmp_path, "LoRA", 1e-3, seed, 0.4, steps=60, batch=8)
+    data = budgets.summarise(budgets.collect(str(tmp_path)), {"ID-LoRA rms, s=8": True, "ID-LoRA rms": False})
+    plan = {(b, m): (have, command) for b, m, have, command in budgets.plan(data)}
+    assert ("30x4", "LoRA") not in plan and ("30x4", "ID-LoRA (paper)") not in plan
+    assert plan["30x4", "DoRA"] == ("nothing", "`--quality-steps 30 --quality-batch 4 --grid "
+                                    "0.00025,0.0005,0.001,0.002,0.004 --methods 'DoRA'`")
+    assert "--grid 0.001 --methods 'LoRA'" in plan["60x8", "LoRA"][1]  # what is stored, so the command resumes it
+    assert "--grid 0.000125,0.00025,0.0005,0.001,0.002 " in plan["60x8", "ID-LoRA (paper)"][1]  # centred on 30x4's
+    assert "--grid 0.0005,0.001,0.002 --methods 'LoRA'" in plan["240x8", "LoRA"][1]  # 3 rates at the largest
+    assert ("240x8", "DoRA") not in plan  # DoRA may stay at the two smaller budgets
+    assert ("60x8", "ID-LoRA rms, s=8") in plan and ("60x8", "ID-LoRA rms") not in plan  # part 2 fails: not run

@@ -29,6 +29,8 @@ from collections import defaultdict
 from benchmarks.common import STORED, pyplot, read_json, save_plot, table, write_json
 from benchmarks.quality import tasks
 from benchmarks.quality.runs import acc, method_name, nll
+from benchmarks.quality.slow_start import PATH as SLOW_START
+from benchmarks.quality.slow_start import learns
 from benchmarks.stats import ci95, mean
 
 RUNS = os.path.join(STORED, "quality-runs")
@@ -36,6 +38,11 @@ PATH, DOC = os.path.join(STORED, "quality-budgets.json"), os.path.join(STORED, "
 GRID_SEEDS, TEST_SEEDS, FLOOR_NLL, FLOOR_ACC = 2, 5, 0.02, 0.95
 PAPER, LORA = "ID-LoRA (paper)", "LoRA"
 CANDIDATES = ("ID-LoRA rms", "ID-LoRA rms, s=8", "ID-LoRA rms, random rows", "ID-LoRA rms, pmrc-qr")
+# The protocol's budgets (issue #21) and the methods each must hold; DoRA may stay at the two smaller ones (it has
+# tracked LoRA within 0.01), and a candidate is run only when it passes the rule's part 2 (it learns).
+BUDGETS = {"30x4": True, "60x8": True, "240x8": False}  # budget -> DoRA required
+REFERENCES = (LORA, "LoRA r=p/2", PAPER)
+DEFAULT_GRID = (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3)  # measure.py's --grid
 
 
 def collect(folder: str = RUNS) -> dict:
@@ -60,7 +67,14 @@ def choose(by_lr: dict) -> tuple[float | None, bool, dict[float, float]]:
     return best, len(curve) > 1 and best in (min(curve), max(curve)), curve
 
 
-def summarise(runs: dict) -> dict:
+def learned(path: str = SLOW_START) -> dict:
+    """{candidate: the rule's part 2 (True, False, or None when not measured)}, from slow-start.json."""
+    data = read_json(path) if os.path.isfile(path) else None
+    return {c: (learns(data, c) if data else None) for c in CANDIDATES}
+
+
+def summarise(runs: dict, part2: dict | None = None) -> dict:
+    """The report's data; `part2` is `learned()` (the slow start), given so that tests can fabricate it."""
     data = {}
     for budget, methods in sorted(runs.items(), key=lambda kv: _examples(kv[0])):
         records = [r for by_lr in methods.values() for seeds in by_lr.values() for r in seeds.values()]
@@ -92,7 +106,7 @@ def summarise(runs: dict) -> dict:
             tested = [m for m in done.values() if m["seeds"]]
             entry["floor"][t] = dict(at_floor=at_floor, every_method=bool(tested) and len(at_floor) == len(tested))
     return dict(runs=sum(len(s) for m in runs.values() for by_lr in m.values() for s in by_lr.values()),
-                budgets=data, rule=_rule(data))
+                budgets=data, rule=_rule(data, part2 or {}))
 
 
 def _examples(budget: str) -> int:
@@ -106,8 +120,9 @@ def _paired(a: dict, b: dict, metric: str) -> dict:
     return dict(mean=mean(diffs), ci=ci95(diffs), n=len(diffs))
 
 
-def _rule(data: dict) -> dict:
-    """The rule's part 1 (docs/METHOD.md): paired test NLL minus the paper's below 0 at 2+ budgets, above at none."""
+def _rule(data: dict, part2: dict) -> dict:
+    """The rule (docs/METHOD.md). Part 1: paired test NLL minus the paper's below 0 at 2+ budgets, above at none;
+    part 2 (`part2`, from the slow start): it learns at least half as fast as LoRA on the tiny Llama."""
     out = {}
     for c in CANDIDATES:
         wins, losses, measured = [], [], []
@@ -116,7 +131,35 @@ def _rule(data: dict) -> dict:
             if d and d["n"] >= TEST_SEEDS:
                 measured.append(budget)
                 (wins if d["mean"] + d["ci"] < 0 else losses if d["mean"] - d["ci"] > 0 else []).append(budget)
-        out[c] = dict(measured=measured, wins=wins, losses=losses, passes=len(wins) >= 2 and not losses)
+        part1 = len(wins) >= 2 and not losses
+        out[c] = dict(measured=measured, wins=wins, losses=losses, part1=part1, learns=part2.get(c),
+                      passes=part1 and part2.get(c) is True)
+    return out
+
+
+def plan(data: dict) -> list[list[str]]:
+    """[budget, method, what is stored, the command that completes it] for every (budget, method) the protocol
+    still lacks. The grid is the one stored when runs exist (so the command resumes them); otherwise, at the
+    largest budget, 3 rates centred on the previous budget's choice (the issue's cost rule), elsewhere 5."""
+    wanted = [*REFERENCES, *(c for c, r in data["rule"].items() if r["learns"])]
+    out, previous = [], {}
+    for budget, dora in BUDGETS.items():
+        entry = data["budgets"].get(budget, {"methods": {}})
+        for name in [*wanted[:1], *(["DoRA"] if dora else []), *wanted[1:]]:
+            e = entry["methods"].get(name)
+            if e and len(e["seeds"]) >= TEST_SEEDS and not e["edge"]:
+                continue
+            stored = sorted(float(lr) for lr in e["curve"]) if e else []
+            last = budget == list(BUDGETS)[-1]
+            centre = previous.get(name)
+            grid = stored or ([centre * 2.0 ** i for i in ((-1, 0, 1) if last else (-2, -1, 0, 1, 2))] if centre
+                              else ([] if last else list(DEFAULT_GRID)))
+            have = f"{len(stored)} rates, {len(e['seeds'])} test seeds" if e else "nothing"
+            steps, batch = budget.split("x")
+            command = (f"--quality-steps {steps} --quality-batch {batch} --grid {','.join(f'{g:g}' for g in grid)} "
+                       f"--methods '{name}'" if grid else f"after the previous budget's choice for {name}")
+            out.append([budget, name, have, f"`{command}`"])
+        previous = {n: e["lr"] for n, e in entry["methods"].items() if e["lr"]}
     return out
 
 
@@ -153,10 +196,25 @@ def render(data: dict, plot: str | None = None) -> str:
                  f"{d['accuracy']['ci']:.3f}", d["nll"]["n"]] for k, d in entry["differences"].items()]), ""]
         floors = [t for t, f in entry["floor"].items() if f["every_method"]]
         lines += [f"Tasks at their floor for every tested method: {', '.join(floors) or 'none'}.", ""]
-    lines += ["## The rule for the default (docs/METHOD.md), part 1", "", table(
-        ["candidate", "budgets measured", "below the paper", "above the paper", "passes"],
-        [[c, ", ".join(r["measured"]) or "none", ", ".join(r["wins"]) or "none", ", ".join(r["losses"]) or "none",
-          "yes" if r["passes"] else "no"] for c, r in data["rule"].items()]), ""]
+    word = {True: "yes", False: "no", None: "not measured"}
+    passing = [c for c, r in data["rule"].items() if r["passes"]]
+    lines += ["## The rule for the default (docs/METHOD.md)", "",
+              "Part 1: paired test NLL minus the paper's, below 0 beyond its interval at 2 or more budgets and above "
+              "at none. Part 2: on the tiny random Llama it learns at least half as fast as LoRA (slow-start.md); a "
+              "candidate that fails part 2 cannot become the default, so the protocol does not run it.", "", table(
+                  ["candidate", "budgets measured", "below the paper", "above the paper", "part 1", "part 2 (learns)",
+                   "passes"],
+                  [[c, ", ".join(r["measured"]) or "none", ", ".join(r["wins"]) or "none",
+                    ", ".join(r["losses"]) or "none", word[r["part1"]], word[r["learns"]], word[r["passes"]]]
+                   for c, r in data["rule"].items()]), "",
+              "Verdict: " + (f"{passing[0]} becomes the default." if len(passing) == 1 else
+                             f"several candidates pass ({', '.join(passing)}): see METHOD.md." if passing else
+                             "the default stays the paper's setting."), ""]
+    todo = plan(data)
+    lines += ["## What the protocol still lacks", "", "Each line completes with `python -m benchmarks --only quality "
+              "--threads 1 --ablations none --no-diagnosis --out /tmp/x.md` followed by its command:", "",
+              table(["budget", "method", "stored", "command"], todo) if todo else "Nothing: every budget is complete.",
+              ""]
     if plot:
         lines += [f"![test NLL and accuracy against examples seen]({os.path.basename(plot)})", ""]
     return "\n".join(lines + RESUME)
@@ -164,12 +222,11 @@ def render(data: dict, plot: str | None = None) -> str:
 
 RESUME = ["## Running and resuming", "",
           "Two workers with one thread each, from a separate worktree (so the code they run does not move), each "
-          "with its own methods; every run is one JSON, so a later invocation skips what is stored:", "", "```",
-          "python -m benchmarks --only quality --threads 1 --quality-steps 60 --quality-batch 8 \\",
-          "    --methods 'LoRA,ID-LoRA (paper),ID-LoRA rms, s=8' --ablations none --no-diagnosis --out /tmp/a.md",
-          "python -m benchmarks --only quality --threads 1 --quality-steps 240 --quality-batch 8 --grid R1,R2,R3 \\",
-          "    --methods LoRA --ablations none --no-diagnosis --out /tmp/b.md   # 3 rates centred on 60x8's choice",
-          "python -m benchmarks.quality.budgets   # this page", "```", ""]
+          "with its own lines of the table above; every run is one JSON, so a later invocation skips what is stored. "
+          "Copy the new runs into `docs/benchmarks/quality-runs/`, then:", "", "```",
+          "python -m benchmarks.quality.budgets   # this page (seconds)",
+          "python -m benchmarks --from-json   # docs/BENCHMARKS.md again, section 4 with this summary",
+          "```", ""]
 
 
 def verdict(d: dict | None) -> str:
@@ -232,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", default=RUNS, help="folder of stored runs")
     parser.add_argument("--out", default=DOC, help="the Markdown file (the JSON and the plot go beside it)")
     args = parser.parse_args(argv)
-    data = summarise(collect(args.runs))
+    data = summarise(collect(args.runs), learned())
     folder = os.path.dirname(os.path.abspath(args.out))
     write_json(os.path.splitext(args.out)[0] + ".json", data)
     with open(args.out, "w") as f:

@@ -196,7 +196,8 @@ def test_the_plan_lists_what_each_budget_lacks_with_a_grid_that_resumes_or_follo
     for seed in range(2):  # 60x8 LoRA: one rate begun
         _write(tmp_path, "LoRA", 1e-3, seed, 0.4, steps=60, batch=8)
     data = budgets.summarise(budgets.collect(str(tmp_path)), {"ID-LoRA rms, s=8": True, "ID-LoRA rms": False})
-    plan = {(b, m): (have, command) for b, m, have, command in budgets.plan(data)}
+    rows = budgets.plan(data)
+    plan = {(b, m): (have, command) for b, m, _, have, command in rows}
     assert ("30x4", "LoRA") not in plan and ("30x4", "ID-LoRA (paper)") not in plan
     assert plan["30x4", "DoRA"] == ("nothing", "`--quality-steps 30 --quality-batch 4 --grid "
                                     "0.00025,0.0005,0.001,0.002,0.004 --methods 'DoRA'`")
@@ -204,4 +205,8 @@ def test_the_plan_lists_what_each_budget_lacks_with_a_grid_that_resumes_or_follo
     assert "--grid 0.000125,0.00025,0.0005,0.001,0.002 " in plan["60x8", "ID-LoRA (paper)"][1]  # centred on 30x4's
     assert "--grid 0.0005,0.001,0.002 --methods 'LoRA'" in plan["240x8", "LoRA"][1]  # 3 rates at the largest
     assert ("240x8", "DoRA") not in plan  # DoRA may stay at the two smaller budgets
-    assert ("60x8", "ID-LoRA rms, s=8") in plan and ("60x8", "ID-LoRA rms") not in plan  # part 2 fails: not run
+    assert ("60x8", "ID-LoRA rms, s=8") in plan and ("240x8", "ID-LoRA rms") not in plan
+    # a candidate that fails part 2 is run for item 3 only: at the two smaller budgets, after the rule's runs
+    assert [r[2] for r in rows if r[1] == "ID-LoRA rms"] == ["item 3 only (fails part 2)"] * 2
+    assert rows.index(next(r for r in rows if r[1] == "ID-LoRA rms")) > rows.index(
+        next(r for r in rows if r[0] == "240x8"))

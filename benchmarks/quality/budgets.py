@@ -138,29 +138,35 @@ def _rule(data: dict, part2: dict) -> dict:
 
 
 def plan(data: dict) -> list[list[str]]:
-    """[budget, method, what is stored, the command that completes it] for every (budget, method) the protocol
-    still lacks. The grid is the one stored when runs exist (so the command resumes them); otherwise, at the
+    """[budget, method, why, what is stored, the command that completes it] for every (budget, method) the
+    protocol still lacks, the rule's first: LoRA, DoRA (not at the largest budget), LoRA r=p/2, the paper and the
+    candidates that pass part 2; then, for item 3's diagnosis only, the candidates that fail part 2, at the two
+    smaller budgets. The grid is the one stored when runs exist (so the command resumes them); otherwise, at the
     largest budget, 3 rates centred on the previous budget's choice (the issue's cost rule), elsewhere 5."""
-    wanted = [*REFERENCES, *(c for c, r in data["rule"].items() if r["learns"])]
-    out, previous = [], {}
+    rule = [LORA, "DoRA", *REFERENCES[1:], *(c for c, r in data["rule"].items() if r["learns"])]
+    diagnosis = [c for c, r in data["rule"].items() if not r["learns"]]
+    largest = list(BUDGETS)[-1]
+    rows, previous = [], {}
     for budget, dora in BUDGETS.items():
         entry = data["budgets"].get(budget, {"methods": {}})
-        for name in [*wanted[:1], *(["DoRA"] if dora else []), *wanted[1:]]:
+        for name in rule + diagnosis:
+            if (name == "DoRA" and not dora) or (name in diagnosis and budget == largest):
+                continue
             e = entry["methods"].get(name)
             if e and len(e["seeds"]) >= TEST_SEEDS and not e["edge"]:
                 continue
             stored = sorted(float(lr) for lr in e["curve"]) if e else []
-            last = budget == list(BUDGETS)[-1]
             centre = previous.get(name)
-            grid = stored or ([centre * 2.0 ** i for i in ((-1, 0, 1) if last else (-2, -1, 0, 1, 2))] if centre
-                              else ([] if last else list(DEFAULT_GRID)))
+            grid = stored or ([centre * 2.0 ** i for i in ((-1, 0, 1) if budget == largest else (-2, -1, 0, 1, 2))]
+                              if centre else ([] if budget == largest else list(DEFAULT_GRID)))
             have = f"{len(stored)} rates, {len(e['seeds'])} test seeds" if e else "nothing"
             steps, batch = budget.split("x")
             command = (f"--quality-steps {steps} --quality-batch {batch} --grid {','.join(f'{g:g}' for g in grid)} "
                        f"--methods '{name}'" if grid else f"after the previous budget's choice for {name}")
-            out.append([budget, name, have, f"`{command}`"])
+            why = "item 3 only (fails part 2)" if name in diagnosis else "budget axis and rule"
+            rows.append((name in diagnosis, [budget, name, why, have, f"`{command}`"]))
         previous = {n: e["lr"] for n, e in entry["methods"].items() if e["lr"]}
-    return out
+    return [row for _, row in sorted(rows, key=lambda r: r[0])]  # stable: the rule's rows first, by budget
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -213,7 +219,7 @@ def render(data: dict, plot: str | None = None) -> str:
     todo = plan(data)
     lines += ["## What the protocol still lacks", "", "Each line completes with `python -m benchmarks --only quality "
               "--threads 1 --ablations none --no-diagnosis --out /tmp/x.md` followed by its command:", "",
-              table(["budget", "method", "stored", "command"], todo) if todo else "Nothing: every budget is complete.",
+              table(["budget", "method", "for", "stored", "command"], todo) if todo else "Nothing: the protocol is done.",
               ""]
     if plot:
         lines += [f"![test NLL and accuracy against examples seen]({os.path.basename(plot)})", ""]

@@ -219,7 +219,7 @@ def render(data: dict, plot: str | None = None) -> str:
     todo = plan(data)
     lines += ["## What the protocol still lacks", "", "Each line completes with `python -m benchmarks --only quality "
               "--threads 1 --ablations none --no-diagnosis --out /tmp/x.md` followed by its command:", "",
-              table(["budget", "method", "for", "stored", "command"], todo) if todo else "Nothing: the protocol is done.",
+              table(["budget", "method", "for", "stored", "command"], todo) if todo else "Nothing: it is complete.",
               ""]
     if plot:
         lines += [f"![test NLL and accuracy against examples seen]({os.path.basename(plot)})", ""]

@@ -150,9 +150,15 @@ def test_budget_report_chooses_rates_pairs_by_seed_and_applies_the_rule(tmp_path
     assert "## 240 steps x 8 rows (1920 examples)" in doc and "| ID-LoRA rms | 30x4, 60x8, 240x8 | 30x4, 60x8 |" in doc
     assert "Verdict: ID-LoRA rms becomes the default." in doc
     summary = "\n".join(budgets.brief(data))
-    assert re.search(r"\| 30x4 \| ID-LoRA rms \| 0\.001 \| 100 \| .* \| wins \(-0\.400 ± 0\.00\d, n=5\) \| 5 \|",
+    same = r"ties \(\+0\.000 ± 0\.000, n=5\)"  # the fabricated accuracies are all equal
+    assert re.search(rf"\| 30x4 \| ID-LoRA rms \| 0\.001 \| 100 \| .* \| wins \(-0\.400 ± 0\.00\d, n=5\) "
+                     rf"\| {same} \| 5 \|", summary)
+    assert re.search(rf"\| 30x4 \| ID-LoRA \(paper\) \| .* \| wins \(-0\.300 ± 0\.000, n=5\) \| {same} \| 5 \|",
                      summary)
-    assert re.search(r"\| 30x4 \| ID-LoRA \(paper\) \| .* \| wins \(-0\.300 ± 0\.000, n=5\) \| 5 \|", summary)
+    # accuracy: higher is better, so a difference above 0 beyond its interval wins (NLL: it loses)
+    up = dict(mean=0.1, ci=0.05, n=5)
+    assert budgets.verdict(up, higher_is_better=True).startswith("wins") and budgets.verdict(up).startswith("loses")
+    assert budgets.verdict(dict(mean=0.1, ci=0.2, n=5), True).startswith("ties")
 
 
 def test_the_rule_refuses_a_candidate_that_loses_at_one_budget(tmp_path):

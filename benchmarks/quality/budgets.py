@@ -207,7 +207,8 @@ def render(data: dict, plot: str | None = None) -> str:
     lines += ["## The rule for the default (docs/METHOD.md)", "",
               "Part 1: paired test NLL minus the paper's, below 0 beyond its interval at 2 or more budgets and above "
               "at none. Part 2: on the tiny random Llama it learns at least half as fast as LoRA (slow-start.md); a "
-              "candidate that fails part 2 cannot become the default, so the protocol does not run it.", "", table(
+              "candidate that fails part 2 cannot become the default (the protocol runs it for item 3 only).", "",
+              table(
                   ["candidate", "budgets measured", "below the paper", "above the paper", "part 1", "part 2 (learns)",
                    "passes"],
                   [[c, ", ".join(r["measured"]) or "none", ", ".join(r["wins"]) or "none",
@@ -235,34 +236,39 @@ RESUME = ["## Running and resuming", "",
           "```", ""]
 
 
-def verdict(d: dict | None) -> str:
-    """A paired NLL difference (a - b) in words: a wins (interval below 0), loses (above) or ties."""
+def verdict(d: dict | None, higher_is_better: bool = False) -> str:
+    """A paired difference (a - b) in words: a wins (its interval on the better side of 0), loses or ties."""
     if not d or d["n"] < 2:
         return "not measured"
-    word = "wins" if d["mean"] + d["ci"] < 0 else "loses" if d["mean"] - d["ci"] > 0 else "ties"
+    sign = -1 if higher_is_better else 1
+    low, high = sorted((sign * (d["mean"] - d["ci"]), sign * (d["mean"] + d["ci"])))
+    word = "wins" if high < 0 else "loses" if low > 0 else "ties"
     return f"{word} ({d['mean']:+.3f} ± {d['ci']:.3f}, n={d['n']})"
 
 
 def brief(data: dict) -> list[str]:
     """Section 4's summary of the budget axis (docs/BENCHMARKS.md): per budget, each method's test scores and,
-    for ID-LoRA, the paired verdict against LoRA at its own rate."""
+    for ID-LoRA, the paired verdicts against LoRA at its own rate (NLL: lower wins; accuracy: higher wins)."""
     rows = []
     for budget, entry in data["budgets"].items():
         for name, e in sorted(entry["methods"].items()):
             if not e["seeds"]:
                 continue
-            against = entry["differences"].get(f"{name} - {LORA}", {}).get("nll") if name.startswith("ID") else None
+            against = entry["differences"].get(f"{name} - {LORA}", {})
+            words = [verdict(against.get("nll")), verdict(against.get("accuracy"), True)] if name.startswith("ID") \
+                else ["", ""]
             rows.append([budget, name, f"{e['lr']:g}", f"{e['trainable']:,}", _pm(e["nll"]), _pm(e["accuracy"]),
-                         verdict(against) if name.startswith("ID") else "", len(e["seeds"])])
+                         *words, len(e["seeds"])])
     if not rows:
         return []
     return ["### Round 2: quality against examples seen (protocol v3)", "",
             "The built-in tasks with sentiment half negated, plus ISO 3166 country codes from `pycountry` (real data, "
             "disjoint by country; `benchmarks/quality/tasks.py`). Each method at its own rate chosen on validation at "
-            "each budget; test mean ± 95% t-interval over seeds; \"against LoRA\" is the paired test-NLL difference "
-            "(ID-LoRA minus LoRA). Everything per budget, with the grids and the default rule, in "
+            "each budget; test mean ± 95% t-interval over seeds; \"against LoRA\" is the paired test difference "
+            "(ID-LoRA minus LoRA, by seed). Everything per budget, with the grids and the default rule, in "
             "[docs/benchmarks/quality-budgets.md](benchmarks/quality-budgets.md).", "",
-            table(["budget", "method", "lr", "trainable", "test NLL", "accuracy", "against LoRA (NLL)", "seeds"], rows),
+            table(["budget", "method", "lr", "trainable", "test NLL", "accuracy", "against LoRA (NLL)",
+                   "against LoRA (accuracy)", "seeds"], rows),
             ""]
 
 

@@ -39,7 +39,7 @@ GRID_SEEDS, TEST_SEEDS, FLOOR_NLL, FLOOR_ACC = 2, 5, 0.02, 0.95
 PAPER, LORA = "ID-LoRA (paper)", "LoRA"
 CANDIDATES = ("ID-LoRA rms", "ID-LoRA rms, s=8", "ID-LoRA rms, random rows", "ID-LoRA rms, pmrc-qr")
 # The protocol's budgets (issue #21) and the methods each must hold; DoRA may stay at the two smaller ones (it has
-# tracked LoRA within 0.01), and a candidate is run only when it passes the rule's part 2 (it learns).
+# tracked LoRA within 0.01), and a candidate that fails the rule's part 2 runs at those two only (item 3), in `plan`.
 BUDGETS = {"30x4": True, "60x8": True, "240x8": False}  # budget -> DoRA required
 REFERENCES = (LORA, "LoRA r=p/2", PAPER)
 DEFAULT_GRID = (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3)  # measure.py's --grid

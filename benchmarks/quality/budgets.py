@@ -29,8 +29,6 @@ from collections import defaultdict
 from benchmarks.common import STORED, pyplot, read_json, save_plot, table, write_json
 from benchmarks.quality import tasks
 from benchmarks.quality.runs import acc, method_name, nll
-from benchmarks.quality.slow_start import PATH as SLOW_START
-from benchmarks.quality.slow_start import learns
 from benchmarks.stats import ci95, mean
 
 RUNS = os.path.join(STORED, "quality-runs")
@@ -67,10 +65,13 @@ def choose(by_lr: dict) -> tuple[float | None, bool, dict[float, float]]:
     return best, len(curve) > 1 and best in (min(curve), max(curve)), curve
 
 
-def learned(path: str = SLOW_START) -> dict:
+def learned(path: str | None = None) -> dict:
     """{candidate: the rule's part 2 (True, False, or None when not measured)}, from slow-start.json."""
+    from benchmarks.quality import slow_start  # imports torch: only when the report is written
+
+    path = path or slow_start.PATH
     data = read_json(path) if os.path.isfile(path) else None
-    return {c: (learns(data, c) if data else None) for c in CANDIDATES}
+    return {c: (slow_start.learns(data, c) if data else None) for c in CANDIDATES}
 
 
 def summarise(runs: dict, part2: dict | None = None) -> dict:
@@ -130,7 +131,7 @@ def _rule(data: dict, part2: dict) -> dict:
             d = entry["differences"].get(f"{c} - {PAPER}", {}).get("nll")
             if d and d["n"] >= TEST_SEEDS:
                 measured.append(budget)
-                (wins if d["mean"] + d["ci"] < 0 else losses if d["mean"] - d["ci"] > 0 else []).append(budget)
+                {"wins": wins, "loses": losses, "ties": []}[outcome(d)].append(budget)
         part1 = len(wins) >= 2 and not losses
         out[c] = dict(measured=measured, wins=wins, losses=losses, part1=part1, learns=part2.get(c),
                       passes=part1 and part2.get(c) is True)
@@ -156,9 +157,13 @@ def plan(data: dict) -> list[list[str]]:
             if e and len(e["seeds"]) >= TEST_SEEDS and not e["edge"]:
                 continue
             stored = sorted(float(lr) for lr in e["curve"]) if e else []
-            centre = previous.get(name)
-            grid = stored or ([centre * 2.0 ** i for i in ((-1, 0, 1) if budget == largest else (-2, -1, 0, 1, 2))]
-                              if centre else ([] if budget == largest else list(DEFAULT_GRID)))
+            centre, steps_around = previous.get(name), (-1, 0, 1) if budget == largest else (-2, -1, 0, 1, 2)
+            if stored:
+                grid = stored
+            elif centre:
+                grid = [centre * 2.0 ** i for i in steps_around]
+            else:  # nothing to centre on: the default grid, or wait for the previous budget at the largest
+                grid = [] if budget == largest else list(DEFAULT_GRID)
             have = f"{len(stored)} rates, {len(e['seeds'])} test seeds" if e else "nothing"
             steps, batch = budget.split("x")
             command = (f"--quality-steps {steps} --quality-batch {batch} --grid {','.join(f'{g:g}' for g in grid)} "
@@ -236,14 +241,19 @@ RESUME = ["## Running and resuming", "",
           "```", ""]
 
 
+def outcome(d: dict, higher_is_better: bool = False) -> str:
+    """A paired difference (a - b): "wins" when its whole interval is on the better side of 0, "loses" when on the
+    worse side, else "ties" (the rule's part 1 and section 4's verdicts both read it)."""
+    low, high = d["mean"] - d["ci"], d["mean"] + d["ci"]
+    better, worse = (low > 0, high < 0) if higher_is_better else (high < 0, low > 0)
+    return "wins" if better else "loses" if worse else "ties"
+
+
 def verdict(d: dict | None, higher_is_better: bool = False) -> str:
-    """A paired difference (a - b) in words: a wins (its interval on the better side of 0), loses or ties."""
+    """`outcome` in words, with the difference and its interval."""
     if not d or d["n"] < 2:
         return "not measured"
-    sign = -1 if higher_is_better else 1
-    low, high = sorted((sign * (d["mean"] - d["ci"]), sign * (d["mean"] + d["ci"])))
-    word = "wins" if high < 0 else "loses" if low > 0 else "ties"
-    return f"{word} ({d['mean']:+.3f} ± {d['ci']:.3f}, n={d['n']})"
+    return f"{outcome(d, higher_is_better)} ({d['mean']:+.3f} ± {d['ci']:.3f}, n={d['n']})"
 
 
 def brief(data: dict) -> list[str]:

@@ -199,16 +199,20 @@ def test_the_plan_lists_what_each_budget_lacks_with_a_grid_that_resumes_or_follo
         for other in (lr / 2, lr * 2):
             for seed in range(2):
                 _write(tmp_path, name, other, seed, 0.6)
-    for seed in range(2):  # 60x8 LoRA: one rate begun
+    for seed in range(2):  # 60x8: LoRA one rate begun, the paper one rate below the grid its 30x4 choice centres
         _write(tmp_path, "LoRA", 1e-3, seed, 0.4, steps=60, batch=8)
+        _write(tmp_path, "ID-LoRA (paper)", 6.25e-5, seed, 0.4, steps=60, batch=8)
     data = budgets.summarise(budgets.collect(str(tmp_path)), {"ID-LoRA rms, s=8": True, "ID-LoRA rms": False})
     rows = budgets.plan(data)
     plan = {(b, m): (have, command) for b, m, _, have, command in rows}
     assert ("30x4", "LoRA") not in plan and ("30x4", "ID-LoRA (paper)") not in plan
     assert plan["30x4", "DoRA"] == ("nothing", "`--quality-steps 30 --quality-batch 4 --grid "
                                     "0.00025,0.0005,0.001,0.002,0.004 --methods 'DoRA'`")
-    assert "--grid 0.001 --methods 'LoRA'" in plan["60x8", "LoRA"][1]  # what is stored, so the command resumes it
-    assert "--grid 0.000125,0.00025,0.0005,0.001,0.002 " in plan["60x8", "ID-LoRA (paper)"][1]  # centred on 30x4's
+    # centred on 30x4's choice and widened to what is stored, so the command resumes it and completes the grid
+    assert plan["60x8", "LoRA"] == ("1 rate, 0 test seeds", "`--quality-steps 60 --quality-batch 8 --grid "
+                                    "0.0005,0.001,0.002,0.004,0.008 --methods 'LoRA'`")
+    assert "--grid 6.25e-05,0.000125,0.00025,0.0005,0.001,0.002 " in plan["60x8", "ID-LoRA (paper)"][1]
+    assert data["budgets"]["60x8"]["methods"]["LoRA"]["edge"]  # one rate is no grid: on both its edges
     assert "--grid 0.0005,0.001,0.002 --methods 'LoRA'" in plan["240x8", "LoRA"][1]  # 3 rates at the largest
     assert ("240x8", "DoRA") not in plan  # DoRA may stay at the two smaller budgets
     assert ("60x8", "ID-LoRA rms, s=8") in plan and ("240x8", "ID-LoRA rms") not in plan

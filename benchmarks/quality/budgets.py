@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import math
 import os
 import sys
 from collections import defaultdict
@@ -56,13 +57,13 @@ def collect(folder: str = RUNS) -> dict:
 
 
 def choose(by_lr: dict) -> tuple[float | None, bool, dict[float, float]]:
-    """(chosen rate, on the edge of the rates run, validation NLL per grid point)."""
+    """(chosen rate, on the edge of the rates run (a single rate is on both), validation NLL per grid point)."""
     curve = {lr: mean(nll(seeds[s], "validation") for s in range(GRID_SEEDS))
              for lr, seeds in by_lr.items() if all(s in seeds for s in range(GRID_SEEDS))}
     if not curve:
         return None, False, curve
     best = min(curve, key=curve.get)
-    return best, len(curve) > 1 and best in (min(curve), max(curve)), curve
+    return best, best in (min(curve), max(curve)), curve
 
 
 def learned(path: str | None = None) -> dict:
@@ -142,8 +143,9 @@ def plan(data: dict) -> list[list[str]]:
     """[budget, method, why, what is stored, the command that completes it] for every (budget, method) the
     protocol still lacks, the rule's first: LoRA, DoRA (not at the largest budget), LoRA r=p/2, the paper and the
     candidates that pass part 2; then, for item 3's diagnosis only, the candidates that fail part 2, at the two
-    smaller budgets. The grid is the one stored when runs exist (so the command resumes them); otherwise, at the
-    largest budget, 3 rates centred on the previous budget's choice (the issue's cost rule), elsewhere 5."""
+    smaller budgets. The grid is planned: at the largest budget 3 rates centred on the previous budget's choice (the
+    issue's cost rule), elsewhere 5 (the default grid when there is no choice to centre on); it is widened to every
+    rate already stored, so the command resumes those runs and completes the grid around them."""
     rule = [LORA, "DoRA", *REFERENCES[1:], *(c for c, r in data["rule"].items() if r["learns"])]
     diagnosis = [c for c, r in data["rule"].items() if not r["learns"]]
     largest = list(BUDGETS)[-1]
@@ -156,15 +158,15 @@ def plan(data: dict) -> list[list[str]]:
             e = entry["methods"].get(name)
             if e and len(e["seeds"]) >= TEST_SEEDS and not e["edge"]:
                 continue
-            stored = sorted(float(lr) for lr in e["curve"]) if e else []
+            stored = [float(lr) for lr in e["curve"]] if e else []
             centre, steps_around = previous.get(name), (-1, 0, 1) if budget == largest else (-2, -1, 0, 1, 2)
-            if stored:
-                grid = stored
-            elif centre:
-                grid = [centre * 2.0 ** i for i in steps_around]
+            if centre:
+                planned = [centre * 2.0 ** i for i in steps_around]
             else:  # nothing to centre on: the default grid, or wait for the previous budget at the largest
-                grid = [] if budget == largest else list(DEFAULT_GRID)
-            have = f"{len(stored)} rates, {len(e['seeds'])} test seeds" if e else "nothing"
+                planned = [] if budget == largest else list(DEFAULT_GRID)
+            grid = _span(stored + planned)
+            have = (f"{len(stored)} rate{'s' * (len(stored) != 1)}, {len(e['seeds'])} test seeds" if e
+                    else "nothing")
             steps, batch = budget.split("x")
             command = (f"--quality-steps {steps} --quality-batch {batch} --grid {','.join(f'{g:g}' for g in grid)} "
                        f"--methods '{name}'" if grid else f"after the previous budget's choice for {name}")
@@ -172,6 +174,15 @@ def plan(data: dict) -> list[list[str]]:
             rows.append((name in diagnosis, [budget, name, why, have, f"`{command}`"]))
         previous = {n: e["lr"] for n, e in entry["methods"].items() if e["lr"]}
     return [row for _, row in sorted(rows, key=lambda r: r[0])]  # stable: the rule's rows first, by budget
+
+
+def _span(rates: list[float]) -> list[float]:
+    """Every rate from the lowest to the highest of `rates` by factors of 2 (measure.py reads its factor from the
+    first two), so a grid begun with fewer rates resumes to the whole planned grid, not to what it stored."""
+    if not rates:
+        return []
+    low, high = min(rates), max(rates)
+    return [low * 2.0 ** i for i in range(round(math.log2(high / low)) + 1)]
 
 
 # ------------------------------------------------------------------------------------------------ report

@@ -213,6 +213,8 @@ def test_the_plan_lists_what_each_budget_lacks_with_a_grid_that_resumes_or_follo
                                     "0.0005,0.001,0.002,0.004,0.008 --methods 'LoRA'`")
     assert "--grid 6.25e-05,0.000125,0.00025,0.0005,0.001,0.002 " in plan["60x8", "ID-LoRA (paper)"][1]
     assert data["budgets"]["60x8"]["methods"]["LoRA"]["edge"]  # one rate is no grid: on both its edges
+    with pytest.raises(ValueError, match=r"\[0\.0003\] are not 0\.00025 times a power of 2"):
+        budgets._span([2.5e-4, 3e-4, 1e-3])  # a rate off the grid's factor of 2 is named, not dropped
     assert "--grid 0.0005,0.001,0.002 --methods 'LoRA'" in plan["240x8", "LoRA"][1]  # 3 rates at the largest
     assert ("240x8", "DoRA") not in plan  # DoRA may stay at the two smaller budgets
     assert ("60x8", "ID-LoRA rms, s=8") in plan and ("240x8", "ID-LoRA rms") not in plan

@@ -182,7 +182,12 @@ def _span(rates: list[float]) -> list[float]:
     if not rates:
         return []
     low, high = min(rates), max(rates)
-    return [low * 2.0 ** i for i in range(round(math.log2(high / low)) + 1)]
+    span = [low * 2.0 ** i for i in range(round(math.log2(high / low)) + 1)]
+    off = [r for r in rates if not any(math.isclose(r, g) for g in span)]
+    if off:
+        raise ValueError(f"rates {off} are not {low:g} times a power of 2: the plan cannot write one grid that "
+                         "resumes them; run them with their own --grid, or move their JSONs out of quality-runs")
+    return span
 
 
 # ------------------------------------------------------------------------------------------------ report

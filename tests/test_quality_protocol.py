@@ -37,28 +37,77 @@ def test_countries_are_disjoint_by_country_and_ask_for_the_right_code():
     assert len(seen["test"]) * 2 >= 100 and sum(map(len, seen.values())) == len(pycountry.countries)
 
 
-def test_negation_flips_the_label_and_its_phrasings_are_held_out():
-    positive = set(sft_tasks.TRAIN_POSITIVE + sft_tasks.VALIDATION_POSITIVE + sft_tasks.TEST_POSITIVE)
-    phrasings = {}
+def _plain_label(adjective: str) -> str:
+    """The label by an independent reading: the built-in lists, else textblob's own pattern analyser."""
+    from textblob import TextBlob  # a dev dependency: a missing one fails, it does not skip
+    built_in = {**dict.fromkeys(sft_tasks.TRAIN_POSITIVE + sft_tasks.VALIDATION_POSITIVE + sft_tasks.TEST_POSITIVE,
+                                "POSITIVE"),
+                **dict.fromkeys(sft_tasks.TRAIN_NEGATIVE + sft_tasks.VALIDATION_NEGATIVE + sft_tasks.TEST_NEGATIVE,
+                                "NEGATIVE")}
+    if adjective in built_in:
+        return built_in[adjective]
+    polarity = TextBlob(adjective).sentiment.polarity  # averages every sense, adjective or not: the sign is enough
+    assert polarity != 0, adjective
+    return "POSITIVE" if polarity > 0 else "NEGATIVE"
+
+
+FLIPPED = {"POSITIVE": "NEGATIVE", "NEGATIVE": "POSITIVE"}
+NOUNS = r"(?:" + "|".join(sft_tasks.NOUNS) + r")"
+# The review's shapes, written here from the task's description (plain, negated, contrast), not from tasks.py.
+SHAPES = [  # (regex, kind); the named groups are the deciding adjective and, in a contrast, the other
+    (r"(?:The|I found the|In my opinion the|Honestly, this|My friends and I thought the) N (?:was|is) ?(?P<adj>\w+)\.|"
+     r"What a (?P<adj2>\w+) N!|I found the N (?P<adj3>\w+)\.", "plain"),
+    (r".*\bnot\b.*? (?P<adj>\w+)(?: N)?\.", "negated"),  # the last word, or the one before the noun
+    (r".*?(?:looked|is|seemed|to be|called the N) (?P<other>\w+)(?: at first)?[,;] .*?"
+     r"(?:was|it|proved|out) (?P<adj>\w+)\.", "contrast"),
+]
+
+
+def _read(review: str) -> tuple[str, str, str | None]:
+    """(kind, deciding adjective, other adjective) of a review."""
+    text = re.sub(r"\b" + NOUNS + r"\b", "N", review)
+    for pattern, kind in (SHAPES[1], SHAPES[2], SHAPES[0]):
+        match = re.fullmatch(pattern, text)
+        if match:
+            groups = {k: v for k, v in match.groupdict().items() if v}
+            adjective = next(v for k, v in groups.items() if k.startswith("adj"))
+            return kind, adjective, groups.get("other")
+    raise AssertionError(f"a review of no known shape: {review!r}")
+
+
+def test_sentiment_labels_follow_the_lexicon_negation_and_the_last_clause():
+    adjectives, phrasings = {}, {}
     for split in ("train", "validation", "test"):
         rows = tasks.sentiment(split)
-        negated = [r for r in rows if " not " in _prompt(r)]
-        assert 0.3 < len(negated) / len(rows) < 0.7, split  # about half
+        assert len(rows) == len(sft_tasks.sentiment(split))  # the mix of tasks is unchanged
+        kinds = []
         for row in rows:
             review = _prompt(row).split("Review: ")[1]
-            adjective = next(w for w in re.findall(r"[a-z]+", review) if w in positive or w in _negative())
-            plain = "POSITIVE" if adjective in positive else "NEGATIVE"
-            flipped = {"POSITIVE": "NEGATIVE", "NEGATIVE": "POSITIVE"}[plain]
-            assert row["answer"] == (flipped if " not " in review else plain), review
-        phrasings[split] = {re.sub(r"\b(" + "|".join(sft_tasks.NOUNS) + r")\b", "N", _prompt(r).split("Review: ")[1])
-                            .replace(next(w for w in re.findall(r"[a-z]+", _prompt(r).split("Review: ")[1])
-                                          if w in positive or w in _negative()), "A") for r in negated}
-    assert not phrasings["train"] & phrasings["test"] and not phrasings["train"] & phrasings["validation"]
-    assert len(tasks.sentiment("train")) == len(sft_tasks.sentiment("train"))  # the mix of tasks is unchanged
+            kind, adjective, other = _read(review)
+            plain = _plain_label(adjective)
+            expected = FLIPPED[plain] if kind == "negated" else plain
+            assert row["answer"] == expected == row["completion"][0]["content"], review
+            if kind == "contrast":
+                assert _plain_label(other) == FLIPPED[plain], review  # the distractor has the other label
+            kinds.append(kind)
+            adjectives.setdefault(split, set()).update({adjective} | ({other} if other else set()))
+            phrasings.setdefault(split, set()).add(re.sub(r"\b(" + "|".join(filter(None, (adjective, other)))
+                                                          + r")\b", "A", re.sub(r"\b" + NOUNS + r"\b", "N", review)))
+        for kind in ("plain", "negated", "contrast"):
+            assert 0.3 < kinds.count(kind) / len(rows) < 0.36, (split, kind)
+        answers = [r["answer"] for r in rows]
+        assert answers.count("POSITIVE") == answers.count("NEGATIVE"), split
+    for a, b in (("train", "test"), ("train", "validation"), ("validation", "test")):
+        assert not adjectives[a] & adjectives[b], (a, b)  # disjoint by adjective
+        assert not phrasings[a] & phrasings[b], (a, b)  # and by phrasing
+    assert len(adjectives["test"]) >= 60  # far more than the 12 built-in test adjectives of protocol-v3
 
 
-def _negative() -> set[str]:
-    return set(sft_tasks.TRAIN_NEGATIVE + sft_tasks.VALIDATION_NEGATIVE + sft_tasks.TEST_NEGATIVE)
+def test_the_lexicon_rule_keeps_clear_adjectives_and_drops_the_rest():
+    lexicon = tasks.lexicon()
+    assert lexicon["amazing"] == "POSITIVE" and lexicon["abhorrent"] == "NEGATIVE"
+    for dropped in ("fucked", "retarded", "hazardous", "ridiculous", "abrupt"):  # profanity, a slur, an inferred
+        assert dropped not in lexicon, dropped  # label, two signs across senses, mean |polarity| below 0.4
 
 
 def test_protocol_rows_hold_every_task_and_no_prompt_in_two_splits():

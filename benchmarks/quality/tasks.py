@@ -1,18 +1,29 @@
-"""The quality protocol's task set: the three built-in tasks, sentiment made harder by negation, and country codes
-from real data.
+"""The quality protocol's task set: the three built-in tasks, sentiment made harder by negation and by adjectives
+from a real lexicon, and country codes from real data.
 
 Round 1 of the protocol trained and scored on the main job's data (`idlora_trl_app.data`, "sft-v2"). At 60 steps
 of 8 rows sentiment sat at its floor for every run (validation answer NLL 0.002-0.011), so at the larger budgets
-it could tell nothing. This set ("protocol-v3") keeps the three built-in tasks and changes two things:
+it could tell nothing. "protocol-v3" negated half of sentiment; at 240 steps of 8 rows sentiment sat at its floor
+again (test accuracy 0.99 for LoRA and ID-LoRA): twelve common test adjectives, once the model reads "not", are
+no test. This set ("protocol-v4") keeps the three built-in tasks and changes two things:
 
-- **sentiment** mixes the built-in rows with as many negated ones and keeps a random half of the union (the
-  built-in split's size, so the mix of tasks stays as it was); negation flips the label ("The movie was
-  not great." -> NEGATIVE, "The movie was not awful." -> POSITIVE; the convention of SST-style binary labels).
-  Each split has its own negation phrasings, as it has its own adjectives and templates, so the model must read
-  the sentence, not match a word.
-- **countries** (new, real data this project did not write): "What is the ISO 3166-1 alpha-3 code of Germany?"
-  -> "DEU", and the alpha-2 code likewise. The data is the ISO 3166-1 table shipped in the `pycountry` package
-  (LGPL-2.1, from Debian's iso-codes; `pip install pycountry`). The splits are disjoint by country: a test
+- **sentiment** keeps the built-in instruction, nouns and review templates (each split its own), and draws its
+  adjectives from a real lexicon as well as the built-in lists: the English adjectives of the pattern
+  subjectivity lexicon (De Smedt & Daelemans, PDDL; shipped as `en/en-sentiment.xml` in the `textblob` package,
+  MIT; `pip install textblob`) whose every sense has the same sign of polarity, mean |polarity| >= 0.4 and mean
+  subjectivity >= 0.5, without a sense the lexicon tags with confidence below 0.9 (its inferred ones, where
+  most of its surprising labels are: "hazardous" positive), marks as profanity or gives no WordNet sense (slang),
+  and without one slur (`EXCLUDED`). The splits are disjoint by adjective (a hash of the word), so a test
+  adjective never occurs in training and the model must know what it means. A third of the rows are plain, a
+  third negated, which flips the label ("The movie was not great." -> NEGATIVE, "The movie was not awful." ->
+  POSITIVE; the convention of SST-style binary labels), and a third contrast two clauses, the last of which
+  decides ("The meal looked bland, but it was superb." -> POSITIVE; the first clause's adjective has the other
+  label), so the model must read the whole sentence, not match a word or a position. Each split keeps the built-in
+  split's size, so the mix of tasks stays as it was. The lexicon's labels are its own (a few still surprise:
+  "challenging" is positive); that is the ceiling of real data, the same for every method.
+- **countries** (since v3, real data this project did not write): "What is the ISO 3166-1 alpha-3 code of
+  Germany?" -> "DEU", and the alpha-2 code likewise. The data is the ISO 3166-1 table shipped in the `pycountry`
+  package (LGPL-2.1, from Debian's iso-codes; `pip install pycountry`). The splits are disjoint by country: a test
   country's codes never occur in training, so the model must read the name and use what it knows of it (the
   first letters are often, not always, the code: Germany is DEU, Spain ESP).
 
@@ -21,11 +32,12 @@ The main job's built-in data is unchanged.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 
 from idlora_trl_app.data import sft_rows, sft_tasks
 
-DATA = "protocol-v3"
+DATA = "protocol-v4"
 TASKS = ("arithmetic", "sentiment", "instructions", "countries")
 
 # ------------------------------------------------------------------------------------------- countries
@@ -56,29 +68,106 @@ def countries(split: str) -> list[dict]:
     return rows
 
 
-# ------------------------------------------------------------------------------------ negated sentiment
+# ------------------------------------------------------------------------------------------ sentiment
 NEGATION_TEMPLATES = {
     "train": ["The {noun} was not {adj}.", "I did not find the {noun} {adj}.", "It was not a {adj} {noun}."],
     "validation": ["In my opinion the {noun} was not {adj}."],
     "test": ["Honestly, this {noun} is not {adj}.", "My friends and I did not think the {noun} was {adj}."],
 }
+# The last clause decides; the first carries an adjective of the opposite label (a distractor).
+CONTRAST_TEMPLATES = {
+    "train": ["The {noun} looked {other}, but it was {adj}.", "Some say the {noun} is {other}; I found it {adj}.",
+              "At first the {noun} seemed {other}, then it proved {adj}."],
+    "validation": ["The {noun} seemed {other} at first, but it turned out {adj}."],
+    "test": ["I expected the {noun} to be {other}, but it was {adj}.",
+             "Everyone called the {noun} {other}, yet to me it was {adj}."],
+}
+REVIEW_TEMPLATES = {"train": sft_tasks.TRAIN_REVIEW_TEMPLATES, "validation": sft_tasks.VALIDATION_REVIEW_TEMPLATES,
+                    "test": sft_tasks.TEST_REVIEW_TEMPLATES}
+BUILT_IN = {"train": (sft_tasks.TRAIN_POSITIVE, sft_tasks.TRAIN_NEGATIVE),
+            "validation": (sft_tasks.VALIDATION_POSITIVE, sft_tasks.VALIDATION_NEGATIVE),
+            "test": (sft_tasks.TEST_POSITIVE, sft_tasks.TEST_NEGATIVE)}
+LEXICON_SPLITS = {"test": 0.25, "validation": 0.10}  # share of the lexicon's adjectives per held-out split
+MIN_POLARITY, MIN_SUBJECTIVITY, MIN_CONFIDENCE = 0.4, 0.5, 0.9
+EXCLUDED = {"retarded"}  # a slur the lexicon does not mark
 FLIP = {"POSITIVE": "NEGATIVE", "NEGATIVE": "POSITIVE"}
 
 
+def lexicon() -> dict[str, str]:
+    """{adjective: "POSITIVE" | "NEGATIVE"} from the pattern lexicon in `textblob`, by the rule in the docstring."""
+    import importlib.util
+    import xml.etree.ElementTree as ET
+    from collections import defaultdict
+
+    spec = importlib.util.find_spec("textblob")  # found, not imported: textblob's own import needs nltk
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("benchmarks: the quality protocol's sentiment task needs the lexicon in textblob "
+                         "(pip install textblob, or pip install -e '.[dev]')")
+    path = os.path.join(spec.submodule_search_locations[0], "en", "en-sentiment.xml")
+    senses, rejected = defaultdict(list), set()
+    for word in ET.parse(path).getroot().iter("word"):
+        form = word.get("form")
+        if word.get("pos") != "JJ" or not (form.isalpha() and form.islower()):
+            continue
+        confidence = float(word.get("confidence") or word.get("reliability") or 0)
+        if (word.get("label") or not word.get("wordnet_id") or "expletive" in word.get("sense", "")
+                or confidence < MIN_CONFIDENCE):
+            rejected.add(form)
+        senses[form].append((float(word.get("polarity")), float(word.get("subjectivity"))))
+    out = {}
+    for form, values in senses.items():
+        polarity = sum(p for p, _ in values) / len(values)
+        subjectivity = sum(s for _, s in values) / len(values)
+        one_sign = all(p >= 0 for p, _ in values) or all(p <= 0 for p, _ in values)
+        if (form not in rejected and form not in EXCLUDED and one_sign and abs(polarity) >= MIN_POLARITY
+                and subjectivity >= MIN_SUBJECTIVITY):
+            out[form] = "POSITIVE" if polarity > 0 else "NEGATIVE"
+    return out
+
+
+def adjectives(split: str) -> dict[str, str]:
+    """{adjective: label} of `split`: its built-in adjectives and its share of the lexicon's (disjoint by word)."""
+    built_in = {adj: label for label, words in zip(("POSITIVE", "NEGATIVE"), BUILT_IN[split]) for adj in words}
+    every_built_in = {adj for pair in BUILT_IN.values() for words in pair for adj in words}
+    test, validation = LEXICON_SPLITS["test"], LEXICON_SPLITS["validation"]
+    out = dict(built_in)
+    for adj, label in lexicon().items():
+        if adj in every_built_in:
+            continue  # a built-in adjective stays in its built-in split
+        u = int(hashlib.sha1(f"sentiment-{adj}".encode()).hexdigest()[:8], 16) / 16 ** 8
+        if split == ("test" if u < test else "validation" if u < test + validation else "train"):
+            out[adj] = label
+    return out
+
+
 def sentiment(split: str) -> list[dict]:
-    """Half of the built-in sentiment rows and their negated counterparts, shuffled together."""
-    positive, negative = {"train": (sft_tasks.TRAIN_POSITIVE, sft_tasks.TRAIN_NEGATIVE),
-                          "validation": (sft_tasks.VALIDATION_POSITIVE, sft_tasks.VALIDATION_NEGATIVE),
-                          "test": (sft_tasks.TEST_POSITIVE, sft_tasks.TEST_NEGATIVE)}[split]
-    rows = list(sft_tasks.sentiment(split))
-    for label, adjectives in (("POSITIVE", positive), ("NEGATIVE", negative)):
-        for adj in adjectives:
-            for noun in sft_tasks.NOUNS:
-                for template in NEGATION_TEMPLATES[split]:
-                    question = sft_tasks.SENTIMENT_INSTRUCTION + template.format(noun=noun, adj=adj)
-                    rows.append(_row("sentiment", question, FLIP[label]))
-    random.Random(f"protocol-sentiment-{split}").shuffle(rows)
-    return rows[:len(rows) // 2]  # the built-in split's size, so the mix of tasks stays as it was
+    """Reviews of `split`'s adjectives, as many as the built-in split has (so the mix of tasks stays): the answers
+    alternate POSITIVE and NEGATIVE, the kinds cycle plain, negated, contrast, and each label's adjectives are used
+    in turn (every one once before any twice)."""
+    rng = random.Random(f"protocol-sentiment-{split}")
+    by_label = {label: sorted(adj for adj, lab in adjectives(split).items() if lab == label) for label in FLIP}
+    for words in by_label.values():
+        rng.shuffle(words)
+    used = {label: 0 for label in FLIP}
+
+    def take(label: str) -> str:
+        used[label] += 1
+        return by_label[label][(used[label] - 1) % len(by_label[label])]
+
+    rows = []
+    for i in range(len(sft_tasks.sentiment(split))):
+        answer, kind = ("POSITIVE", "NEGATIVE")[i % 2], ("plain", "negated", "contrast")[i // 2 % 3]
+        noun = rng.choice(sft_tasks.NOUNS)
+        if kind == "plain":
+            review = rng.choice(REVIEW_TEMPLATES[split]).format(noun=noun, adj=take(answer))
+        elif kind == "negated":
+            review = rng.choice(NEGATION_TEMPLATES[split]).format(noun=noun, adj=take(FLIP[answer]))
+        else:
+            review = rng.choice(CONTRAST_TEMPLATES[split]).format(noun=noun, adj=take(answer),
+                                                                  other=rng.choice(by_label[FLIP[answer]]))
+        rows.append(_row("sentiment", sft_tasks.SENTIMENT_INSTRUCTION + review, answer))
+    rng.shuffle(rows)
+    return rows
 
 
 def _row(task: str, question: str, answer: str) -> dict:

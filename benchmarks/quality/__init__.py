@@ -2,11 +2,12 @@
 
 SmolLM2-135M-Instruct (fp32) is fine-tuned with TRL on the protocol's task set (`tasks.py`: the built-in tasks with
 sentiment made harder by negation, contrast and adjectives from a real lexicon, and ISO 3166 country codes from
-pycountry; round 1 used the built-in set, "sft-v2"), at the main job's targets, schedule and length (`idlora-trl sft`'s defaults), with half its steps and half its
-batch (30 steps of 4 rows): one run of the main job's size takes ~4 min on 2 cores, one of these ~2 min (plus ~1.5
-min to score the test split). Measured cost: the main comparison ~2.7 h of single-worker time, the ablations ~3.5 h;
-two workers with `--threads 1` (a `--methods` or `--ablations` subset each, same `--quality-dir`) do ~1.4x the
-work of one on 2 cores, so the whole protocol takes ~4.5 h there, in sittings:
+pycountry; round 1 used the built-in set, "sft-v2"), at the main job's targets, schedule and length (`idlora-trl
+sft`'s defaults), with half its steps and half its batch (30 steps of 4 rows): one run of the main job's size takes
+~4 min on 2 cores, one of these ~2 min (plus ~1.5 min to score the test split). Measured cost: the main comparison
+~2.7 h of single-worker time, the ablations ~3.5 h; two workers with `--threads 1` (a `--methods` or `--ablations`
+subset each, same `--quality-dir`) do ~1.4x the work of one on 2 cores, so the whole protocol takes ~4.5 h there, in
+sittings:
 
 1. **Learning-rate grid, on validation only.** Every method (PEFT LoRA and DoRA at rank p, PEFT VeRA, ID-LoRA
    at rank 4p) trains at each rate of one log-spaced grid with `--grid-seeds` seeds; its rate is the one with the

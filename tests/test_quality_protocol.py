@@ -210,6 +210,24 @@ def test_budget_report_chooses_rates_pairs_by_seed_and_applies_the_rule(tmp_path
     assert budgets.verdict(dict(mean=0.1, ci=0.2, n=5), True).startswith("ties")
 
 
+def test_a_closed_task_set_is_reported_apart_without_a_plan(tmp_path):
+    for data in ("protocol-v3", tasks.DATA):
+        for seed in range(5):
+            _write(tmp_path, "LoRA", 1e-3, seed, 0.5, 0.4 if data == tasks.DATA else 0.9, data=data)
+    assert tasks.DATA != "protocol-v3"
+    closed = budgets.summarise(budgets.collect(str(tmp_path), "protocol-v3"), {}, "protocol-v3")
+    current = budgets.summarise(budgets.collect(str(tmp_path)), {})
+    assert closed["budgets"]["30x4"]["methods"]["LoRA"]["nll"] == [0.9] * 5  # each reads its own runs only
+    assert current["budgets"]["30x4"]["methods"]["LoRA"]["nll"] == [0.4] * 5
+    doc = budgets.render(closed)
+    assert "# Quality against examples seen (protocol-v3, 5 stored runs)" in doc and "## Closed" in doc
+    assert "--data protocol-v3" in doc and "still lacks" not in doc  # nothing is planned on a closed task set
+    assert "## What the protocol still lacks" in budgets.render(current)
+    assert budgets.doc_path("protocol-v3").endswith("quality-budgets-v3.md")
+    assert budgets.doc_path(tasks.DATA) == budgets.DOC
+    assert "(protocol-v3)" in budgets.brief(closed)[0] and "quality-budgets-v3.md" in "\n".join(budgets.brief(closed))
+
+
 def test_the_rule_refuses_a_candidate_that_loses_at_one_budget(tmp_path):
     for budget, gap in {"30x4": -0.1, "60x8": -0.2, "240x8": 0.1}.items():
         steps, batch = map(int, budget.split("x"))

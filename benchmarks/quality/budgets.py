@@ -1,8 +1,8 @@
 """Section 4's budget axis (issue #21): each method's test NLL and accuracy against examples seen, from the stored runs.
 
-Reads every run of the protocol's task set (`docs/benchmarks/quality-runs/*.json` whose setup names
-`protocol-v3`), groups them by budget (steps x batch, recorded in each run) and by method (`named_methods`), and
-per budget and method:
+Reads every run of one version of the protocol's task set (`docs/benchmarks/quality-runs/*.json` whose setup names
+it: `--data`, by default the current `tasks.DATA`), groups them by budget (steps x batch, recorded in each run) and
+by method (`named_methods`), and per budget and method:
 
 - chooses the learning rate with the lowest mean validation answer NLL over the grid's seeds (0 and 1); a rate
   is a grid point only when both seeds ran; a choice on the edge of the rates run is marked "edge" (the protocol
@@ -13,7 +13,8 @@ per budget and method:
   docs/METHOD.md ("How the defaults are chosen");
 - checks the floor of every task (validation NLL below 0.02 or test accuracy above 0.95 for every method).
 
-    python -m benchmarks.quality.budgets    # seconds; writes docs/benchmarks/quality-budgets.{json,md,png}
+    python -m benchmarks.quality.budgets    # seconds; writes docs/benchmarks/quality-budgets.{json,md} and the plot
+    python -m benchmarks.quality.budgets --data protocol-v3   # the closed protocol-v3: quality-budgets-v3.{json,md}
 
 The runs themselves come from `python -m benchmarks --only quality --quality-steps S --quality-batch B
 --methods ... --ablations none --no-diagnosis` (resumable, one JSON per run).
@@ -42,16 +43,28 @@ CANDIDATES = ("ID-LoRA rms", "ID-LoRA rms, s=8", "ID-LoRA rms, random rows", "ID
 BUDGETS = {"30x4": True, "60x8": True, "240x8": False}  # budget -> DoRA required
 REFERENCES = (LORA, "LoRA r=p/2", PAPER)
 DEFAULT_GRID = (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3)  # measure.py's --grid
+# What each version of the task set is (the report and section 4 name it); tasks.py's docstring has the detail.
+PROTOCOLS = {
+    "protocol-v3": "the built-in tasks with sentiment half negated, plus ISO 3166 country codes from `pycountry`",
+    "protocol-v4": "the built-in tasks with sentiment drawn from a real lexicon (`textblob`'s pattern lexicon, "
+                   "disjoint by adjective; plain, negated and contrasted), plus ISO 3166 country codes from "
+                   "`pycountry`",
+}
 
 
-def collect(folder: str = RUNS) -> dict:
-    """{budget "SxB": {method: {lr: {seed: record}}}} over the protocol-v3 runs in `folder`."""
+def doc_path(data: str) -> str:
+    """The report of task set `data`: quality-budgets.md for the current one, quality-budgets-vN.md for a closed one."""
+    return DOC if data == tasks.DATA else os.path.join(STORED, f"quality-budgets-{data.split('-')[-1]}.md")
+
+
+def collect(folder: str = RUNS, data: str = tasks.DATA) -> dict:
+    """{budget "SxB": {method: {lr: {seed: record}}}} over the runs of task set `data` in `folder`."""
     out: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
     for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
         record = read_json(path)
         setup = record["setup"]
         name = method_name(record, setup["p"])
-        if setup.get("data") == tasks.DATA and name is not None:
+        if setup.get("data") == data and name is not None:
             out[f"{setup['steps']}x{setup['batch']}"][name][record["lr"]][record["seed"]] = record
     return out
 
@@ -75,8 +88,9 @@ def learned(path: str | None = None) -> dict:
     return {c: (slow_start.learns(data, c) if data else None) for c in CANDIDATES}
 
 
-def summarise(runs: dict, part2: dict | None = None) -> dict:
-    """The report's data; `part2` is `learned()` (the slow start), given so that tests can fabricate it."""
+def summarise(runs: dict, part2: dict | None = None, protocol: str = tasks.DATA) -> dict:
+    """The report's data; `part2` is `learned()` (the slow start), given so that tests can fabricate it; `protocol`
+    names the task set the runs used."""
     data = {}
     for budget, methods in sorted(runs.items(), key=lambda kv: _examples(kv[0])):
         records = [r for by_lr in methods.values() for seeds in by_lr.values() for r in seeds.values()]
@@ -107,8 +121,8 @@ def summarise(runs: dict, part2: dict | None = None) -> dict:
                 e["validation_tasks"].get(t, 1) < FLOOR_NLL or mean(e["tasks"][t]) > FLOOR_ACC)]
             tested = [m for m in done.values() if m["seeds"]]
             entry["floor"][t] = dict(at_floor=at_floor, every_method=bool(tested) and len(at_floor) == len(tested))
-    return dict(runs=sum(len(s) for m in runs.values() for by_lr in m.values() for s in by_lr.values()),
-                budgets=data, rule=_rule(data, part2 or {}))
+    return dict(protocol=protocol, runs=sum(len(s) for m in runs.values() for by_lr in m.values()
+                                            for s in by_lr.values()), budgets=data, rule=_rule(data, part2 or {}))
 
 
 def _examples(budget: str) -> int:
@@ -196,9 +210,12 @@ def _pm(values: list[float]) -> str:
 
 
 def render(data: dict, plot: str | None = None) -> str:
-    lines = [f"# Quality against examples seen (protocol v3, {data['runs']} stored runs)", "",
-             "Written by `python -m benchmarks.quality.budgets` from `docs/benchmarks/quality-runs`. Each method at "
-             "its own rate, chosen on validation at each budget; test: mean ± 95% t-interval over seeds.", ""]
+    protocol = data["protocol"]
+    command = "python -m benchmarks.quality.budgets" + ("" if protocol == tasks.DATA else f" --data {protocol}")
+    lines = [f"# Quality against examples seen ({protocol}, {data['runs']} stored runs)", "",
+             f"Written by `{command}` from `docs/benchmarks/quality-runs`. The tasks: {PROTOCOLS[protocol]}. Each "
+             "method at its own rate, chosen on validation at each budget; test: mean ± 95% t-interval over seeds.",
+             ""]
     for budget, entry in data["budgets"].items():
         steps, batch = budget.split("x")
         lines += [f"## {steps} steps x {batch} rows ({entry['examples']} examples)", "",
@@ -238,6 +255,11 @@ def render(data: dict, plot: str | None = None) -> str:
               "Verdict: " + (f"{passing[0]} becomes the default." if len(passing) == 1 else
                              f"several candidates pass ({', '.join(passing)}): see METHOD.md." if passing else
                              "the default stays the paper's setting."), ""]
+    if protocol != tasks.DATA:  # a closed task set: nothing is planned for it any more
+        lines += ["## Closed", "", f"This task set is closed: the protocol runs on {tasks.DATA} now "
+                  f"([{os.path.basename(DOC)}]({os.path.basename(DOC)}); why: `benchmarks/quality/tasks.py`).", ""]
+        return "\n".join(lines + ([f"![test NLL and accuracy against examples seen]({os.path.basename(plot)})", ""]
+                                  if plot else []))
     todo = plan(data)
     lines += ["## What the protocol still lacks", "", "Each line completes with `python -m benchmarks --only quality "
               "--threads 1 --ablations none --no-diagnosis --out /tmp/x.md` followed by its command:", "",
@@ -287,20 +309,21 @@ def brief(data: dict) -> list[str]:
                          *words, len(e["seeds"])])
     if not rows:
         return []
-    return ["### Round 2: quality against examples seen (protocol v3)", "",
-            "The built-in tasks with sentiment half negated, plus ISO 3166 country codes from `pycountry` (real data, "
-            "disjoint by country; `benchmarks/quality/tasks.py`). Each method at its own rate chosen on validation at "
-            "each budget; test mean ± 95% t-interval over seeds; \"against LoRA\" is the paired test difference "
-            "(ID-LoRA minus LoRA, by seed). Everything per budget, with the grids and the default rule, in "
-            "[docs/benchmarks/quality-budgets.md](benchmarks/quality-budgets.md).", "",
+    doc, tasks_used = os.path.basename(doc_path(data["protocol"])), PROTOCOLS[data["protocol"]]
+    return [f"### Round 2: quality against examples seen ({data['protocol']})", "",
+            f"{tasks_used[0].upper()}{tasks_used[1:]} (real data, disjoint by entity; "
+            "`benchmarks/quality/tasks.py`). Each method at its own rate chosen on validation at each budget; test "
+            "mean ± 95% t-interval over seeds; \"against LoRA\" is the paired test difference (ID-LoRA minus LoRA, "
+            f"by seed). Everything per budget, with the grids and the default rule, in [docs/benchmarks/{doc}]"
+            f"(benchmarks/{doc}).", "",
             table(["budget", "method", "lr", "trainable", "test NLL", "accuracy", "against LoRA (NLL)",
                    "against LoRA (accuracy)", "seeds"], rows),
             ""]
 
 
-def draw(data: dict, folder: str) -> str | None:
+def draw(data: dict, folder: str, filename: str = "quality_budgets.png") -> str | None:
     plt = pyplot()
-    if plt is None:
+    if plt is None or not data["budgets"]:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     names = sorted({n for e in data["budgets"].values() for n in e["methods"]})
@@ -319,20 +342,25 @@ def draw(data: dict, folder: str) -> str | None:
     if axes[0].lines:
         axes[0].legend(fontsize=7)
     fig.tight_layout()
-    return save_plot(fig, folder, "quality_budgets.png")
+    return save_plot(fig, folder, filename)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality.budgets", description=__doc__.split("\n")[0])
     parser.add_argument("--runs", default=RUNS, help="folder of stored runs")
-    parser.add_argument("--out", default=DOC, help="the Markdown file (the JSON and the plot go beside it)")
+    parser.add_argument("--data", default=tasks.DATA, choices=sorted(PROTOCOLS),
+                        help="the task set whose runs to report (default: the current one, %(default)s)")
+    parser.add_argument("--out", default=None, help="the Markdown file (the JSON and the plot go beside it; "
+                                                    "default: quality-budgets.md, or quality-budgets-vN.md for a "
+                                                    "closed task set)")
     args = parser.parse_args(argv)
-    data = summarise(collect(args.runs), learned())
-    folder = os.path.dirname(os.path.abspath(args.out))
-    write_json(os.path.splitext(args.out)[0] + ".json", data)
-    with open(args.out, "w") as f:
-        f.write(render(data, draw(data, folder)) + "\n")
-    print(f"wrote {args.out} ({data['runs']} runs)")
+    out = args.out or doc_path(args.data)
+    data = summarise(collect(args.runs, args.data), learned(), args.data)
+    folder, stem = os.path.dirname(os.path.abspath(out)), os.path.splitext(out)[0]
+    write_json(stem + ".json", data)
+    with open(out, "w") as f:
+        f.write(render(data, draw(data, folder, os.path.basename(stem).replace("-", "_") + ".png")) + "\n")
+    print(f"wrote {out} ({data['runs']} runs)")
     return 0
 
 

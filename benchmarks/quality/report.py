@@ -118,7 +118,8 @@ def render(data: dict, ctx) -> tuple[str, list]:
 
 
 def _round_two() -> list[str]:
-    """The budget axis (`budgets.py`) and the DPO protocol (`benchmarks/dpo`), from their stored JSON when written."""
+    """The budget axis (`budgets.py`, each task set's report) and the DPO protocol (`benchmarks/dpo`), from their
+    stored JSON when written."""
     import os
 
     from benchmarks.common import STORED, read_json
@@ -126,8 +127,11 @@ def _round_two() -> list[str]:
     from benchmarks.quality import budgets
 
     dpo_path = os.path.join(STORED, "dpo.json")
-    return ((budgets.brief(read_json(budgets.PATH)) if os.path.isfile(budgets.PATH) else [])
-            + (dpo.brief(read_json(dpo_path)) if os.path.isfile(dpo_path) else []))
+    lines = []
+    for protocol in sorted(budgets.PROTOCOLS, reverse=True):  # the current task set first, then the closed ones
+        path = os.path.splitext(budgets.doc_path(protocol))[0] + ".json"
+        lines += budgets.brief(read_json(path)) if os.path.isfile(path) else []
+    return lines + (dpo.brief(read_json(dpo_path)) if os.path.isfile(dpo_path) else [])
 
 
 def _grid_cell(entry: dict, lr: str) -> str:

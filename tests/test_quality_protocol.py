@@ -53,48 +53,53 @@ def _plain_label(adjective: str) -> str:
 
 FLIPPED = {"POSITIVE": "NEGATIVE", "NEGATIVE": "POSITIVE"}
 NOUNS = r"(?:" + "|".join(sft_tasks.NOUNS) + r")"
-# The review's shapes, written here from the task's description (plain, negated, contrast), not from tasks.py.
-SHAPES = [  # (regex, kind); the named groups are the deciding adjective and, in a contrast, the other
-    (r"(?:The|I found the|In my opinion the|Honestly, this|My friends and I thought the) N (?:was|is) ?(?P<adj>\w+)\.|"
-     r"What a (?P<adj2>\w+) N!|I found the N (?P<adj3>\w+)\.", "plain"),
-    (r".*\bnot\b.*? (?P<adj>\w+)(?: N)?\.", "negated"),  # the last word, or the one before the noun
-    (r".*?(?:looked|is|seemed|to be|called the N) (?P<other>\w+)(?: at first)?[,;] .*?"
-     r"(?:was|it|proved|out) (?P<adj>\w+)\.", "contrast"),
-]
+# The review's shapes, written here from the task's description (plain, negated, aspect), not from tasks.py.
+PLAIN = (r"(?:The|I found the|In my opinion the|Honestly, this|My friends and I thought the) N (?:was|is) "
+         r"?(?P<adj>\w+)\.|What a (?P<adj2>\w+) N!|I found the N (?P<adj3>\w+)\.")
+NEGATED = r".*\bnot\b.*? (?P<adj>\w+)(?: N)?\."  # the last word, or the one before the noun
+ASPECT = (r"(?:The|I found the|Honestly, the|My friends found the) (?P<n1>\w+)(?: was| is| seemed)? (?P<a1>\w+)[,;]?"
+          r"(?: but| and| while| though)? the (?P<n2>\w+),?(?: was| is| seemed)? (?P<a2>\w+)\.")
 
 
-def _read(review: str) -> tuple[str, str, str | None]:
-    """(kind, deciding adjective, other adjective) of a review."""
+def _read(prompt: str) -> tuple[str, str, str | None, bool | None]:
+    """(kind, deciding adjective, the other adjective and whether the asked noun comes first: aspect reviews only)."""
+    review = prompt.split("Review: ")[1]
+    asked = re.search(r"negative about the (\w+)\?", prompt)
+    if asked:  # the adjective bound to the asked noun decides; the other noun's has the other label
+        match = re.fullmatch(ASPECT, review)
+        assert match and asked.group(1) in (match["n1"], match["n2"]) and match["n1"] != match["n2"], prompt
+        first = asked.group(1) == match["n1"]
+        return "aspect", match["a1" if first else "a2"], match["a2" if first else "a1"], first
     text = re.sub(r"\b" + NOUNS + r"\b", "N", review)
-    for pattern, kind in (SHAPES[1], SHAPES[2], SHAPES[0]):
+    for pattern, kind in ((NEGATED, "negated"), (PLAIN, "plain")):
         match = re.fullmatch(pattern, text)
         if match:
-            groups = {k: v for k, v in match.groupdict().items() if v}
-            adjective = next(v for k, v in groups.items() if k.startswith("adj"))
-            return kind, adjective, groups.get("other")
+            return kind, next(v for k, v in match.groupdict().items() if v), None, None
     raise AssertionError(f"a review of no known shape: {review!r}")
 
 
-def test_sentiment_labels_follow_the_lexicon_negation_and_the_last_clause():
+def test_sentiment_labels_follow_the_lexicon_negation_and_the_asked_noun():
     adjectives, phrasings = {}, {}
     for split in ("train", "validation", "test"):
         rows = tasks.sentiment(split)
         assert len(rows) == len(sft_tasks.sentiment(split))  # the mix of tasks is unchanged
-        kinds = []
+        kinds, asked_first = [], []
         for row in rows:
-            review = _prompt(row).split("Review: ")[1]
-            kind, adjective, other = _read(review)
+            kind, adjective, other, first = _read(_prompt(row))
             plain = _plain_label(adjective)
             expected = FLIPPED[plain] if kind == "negated" else plain
-            assert row["answer"] == expected == row["completion"][0]["content"], review
-            if kind == "contrast":
-                assert _plain_label(other) == FLIPPED[plain], review  # the distractor has the other label
+            assert row["answer"] == expected == row["completion"][0]["content"], _prompt(row)
+            if kind == "aspect":
+                assert _plain_label(other) == FLIPPED[plain], _prompt(row)  # the other noun's has the other label
+                asked_first.append(first)
             kinds.append(kind)
             adjectives.setdefault(split, set()).update({adjective} | ({other} if other else set()))
+            review = _prompt(row).split("Review: ")[1]
             phrasings.setdefault(split, set()).add(re.sub(r"\b(" + "|".join(filter(None, (adjective, other)))
                                                           + r")\b", "A", re.sub(r"\b" + NOUNS + r"\b", "N", review)))
-        for kind in ("plain", "negated", "contrast"):
+        for kind in ("plain", "negated", "aspect"):
             assert 0.3 < kinds.count(kind) / len(rows) < 0.36, (split, kind)
+        assert 0.25 < sum(asked_first) / len(asked_first) < 0.75, split  # the position does not tell the answer
         answers = [r["answer"] for r in rows]
         assert answers.count("POSITIVE") == answers.count("NEGATIVE"), split
     for a, b in (("train", "test"), ("train", "validation"), ("validation", "test")):
@@ -106,8 +111,8 @@ def test_sentiment_labels_follow_the_lexicon_negation_and_the_last_clause():
 def test_the_lexicon_rule_keeps_clear_adjectives_and_drops_the_rest():
     lexicon = tasks.lexicon()
     assert lexicon["amazing"] == "POSITIVE" and lexicon["abhorrent"] == "NEGATIVE"
-    for dropped in ("fucked", "retarded", "hazardous", "ridiculous", "abrupt"):  # profanity, a slur, an inferred
-        assert dropped not in lexicon, dropped  # label, two signs across senses, mean |polarity| below 0.4
+    for dropped in ("fucked", "retarded", "sexual", "hazardous", "ridiculous", "abrupt"):  # profanity, EXCLUDED,
+        assert dropped not in lexicon, dropped  # an inferred label, two signs across senses, |polarity| below 0.4
 
 
 def test_protocol_rows_hold_every_task_and_no_prompt_in_two_splits():

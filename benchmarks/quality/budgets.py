@@ -47,7 +47,7 @@ DEFAULT_GRID = (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3)  # measure.py's --grid
 PROTOCOLS = {
     "protocol-v3": "the built-in tasks with sentiment half negated, plus ISO 3166 country codes from `pycountry`",
     "protocol-v4": "the built-in tasks with sentiment drawn from a real lexicon (`textblob`'s pattern lexicon, "
-                   "disjoint by adjective; plain, negated and contrasted), plus ISO 3166 country codes from "
+                   "disjoint by adjective; plain, negated and aspect-based), plus ISO 3166 country codes from "
                    "`pycountry`",
 }
 

@@ -8,19 +8,23 @@ again (test accuracy 0.99 for LoRA and ID-LoRA): twelve common test adjectives, 
 no test. This set ("protocol-v4") keeps the three built-in tasks and changes two things:
 
 - **sentiment** keeps the built-in instruction, nouns and review templates (each split its own), and draws its
-  adjectives from a real lexicon as well as the built-in lists: the English adjectives of the pattern
-  subjectivity lexicon (De Smedt & Daelemans, PDDL; shipped as `en/en-sentiment.xml` in the `textblob` package,
-  MIT; `pip install textblob`) whose every sense has the same sign of polarity, mean |polarity| >= 0.4 and mean
-  subjectivity >= 0.5, without a sense the lexicon tags with confidence below 0.9 (its inferred ones, where
-  most of its surprising labels are: "hazardous" positive), marks as profanity or gives no WordNet sense (slang),
-  and without one slur (`EXCLUDED`). The splits are disjoint by adjective (a hash of the word), so a test
-  adjective never occurs in training and the model must know what it means. A third of the rows are plain, a
-  third negated, which flips the label ("The movie was not great." -> NEGATIVE, "The movie was not awful." ->
-  POSITIVE; the convention of SST-style binary labels), and a third contrast two clauses, the last of which
-  decides ("The meal looked bland, but it was superb." -> POSITIVE; the first clause's adjective has the other
-  label), so the model must read the whole sentence, not match a word or a position. Each split keeps the built-in
-  split's size, so the mix of tasks stays as it was. The lexicon's labels are its own (a few still surprise:
-  "challenging" is positive); that is the ceiling of real data, the same for every method.
+  adjectives from a real lexicon as well as the built-in lists: the English adjectives of the pattern subjectivity
+  lexicon (De Smedt & Daelemans, PDDL; shipped as `en/en-sentiment.xml` in the `textblob` package, MIT; `pip install
+  textblob`) whose every sense has the same sign of polarity, mean |polarity| >= 0.4 and mean subjectivity >= 0.5,
+  without a sense the lexicon tags with confidence below 0.9 (its inferred ones, where most of its surprising labels
+  are: "hazardous" positive), marks as profanity or gives no WordNet sense (slang), and without the two words of
+  `EXCLUDED`. The splits are disjoint by adjective (a hash of the word), so a test adjective never occurs in training
+  and the model must know what it means. A third of the rows are plain, a third negated, which flips the label ("The
+  movie was not great." -> NEGATIVE, "The movie was not awful." -> POSITIVE; the convention of SST-style binary
+  labels), and a third ask about one of two things a review judges oppositely (aspect-based sentiment: "... positive
+  or negative about the service? Review: The meal was superb, but the service was awful." -> NEGATIVE; the asked one
+  comes first or second at random), so the model must read the whole sentence and bind each adjective to its noun,
+  not match a word or a position. A first draft contrasted two clauses of which the last decided; checked at 240
+  steps of 8 rows (1e-3, seed 0) before any protocol run, LoRA reached test accuracy 0.96 on sentiment (validation
+  NLL 0.008) and ID-LoRA 0.94 (0.025), at the floor for one method and near it for the other, so the position-based
+  clause gave way to the aspect. Each split keeps the built-in split's size, so the mix of tasks stays as it was. The
+  lexicon's labels are its own (a few still surprise: "challenging" is positive); that is the ceiling of real data,
+  the same for every method.
 - **countries** (since v3, real data this project did not write): "What is the ISO 3166-1 alpha-3 code of
   Germany?" -> "DEU", and the alpha-2 code likewise. The data is the ISO 3166-1 table shipped in the `pycountry`
   package (LGPL-2.1, from Debian's iso-codes; `pip install pycountry`). The splits are disjoint by country: a test
@@ -74,14 +78,18 @@ NEGATION_TEMPLATES = {
     "validation": ["In my opinion the {noun} was not {adj}."],
     "test": ["Honestly, this {noun} is not {adj}.", "My friends and I did not think the {noun} was {adj}."],
 }
-# The last clause decides; the first carries an adjective of the opposite label (a distractor).
-CONTRAST_TEMPLATES = {
-    "train": ["The {noun} looked {other}, but it was {adj}.", "Some say the {noun} is {other}; I found it {adj}.",
-              "At first the {noun} seemed {other}, then it proved {adj}."],
-    "validation": ["The {noun} seemed {other} at first, but it turned out {adj}."],
-    "test": ["I expected the {noun} to be {other}, but it was {adj}.",
-             "Everyone called the {noun} {other}, yet to me it was {adj}."],
+# Two nouns, two adjectives of opposite labels; the question names one noun, whose adjective decides. Either clause
+# may be the one asked about, so neither the position nor the first adjective found tells the answer.
+ASPECT_TEMPLATES = {
+    "train": ["The {noun} was {adj}, but the {other_noun} was {other}.",
+              "I found the {noun} {adj} and the {other_noun} {other}.",
+              "The {noun} was {adj}; the {other_noun}, {other}."],
+    "validation": ["The {noun} seemed {adj}, while the {other_noun} seemed {other}."],
+    "test": ["Honestly, the {noun} is {adj}, though the {other_noun} is {other}.",
+             "My friends found the {noun} {adj} but the {other_noun} {other}."],
 }
+ASPECT_INSTRUCTION = ("Is this review positive or negative about the {noun}? Reply with POSITIVE or NEGATIVE.\n"
+                      "Review: ")
 REVIEW_TEMPLATES = {"train": sft_tasks.TRAIN_REVIEW_TEMPLATES, "validation": sft_tasks.VALIDATION_REVIEW_TEMPLATES,
                     "test": sft_tasks.TEST_REVIEW_TEMPLATES}
 BUILT_IN = {"train": (sft_tasks.TRAIN_POSITIVE, sft_tasks.TRAIN_NEGATIVE),
@@ -89,7 +97,7 @@ BUILT_IN = {"train": (sft_tasks.TRAIN_POSITIVE, sft_tasks.TRAIN_NEGATIVE),
             "test": (sft_tasks.TEST_POSITIVE, sft_tasks.TEST_NEGATIVE)}
 LEXICON_SPLITS = {"test": 0.25, "validation": 0.10}  # share of the lexicon's adjectives per held-out split
 MIN_POLARITY, MIN_SUBJECTIVITY, MIN_CONFIDENCE = 0.4, 0.5, 0.9
-EXCLUDED = {"retarded"}  # a slur the lexicon does not mark
+EXCLUDED = {"retarded", "sexual"}  # a slur the lexicon does not mark; a word that judges nothing in a review
 FLIP = {"POSITIVE": "NEGATIVE", "NEGATIVE": "POSITIVE"}
 
 
@@ -142,8 +150,8 @@ def adjectives(split: str) -> dict[str, str]:
 
 def sentiment(split: str) -> list[dict]:
     """Reviews of `split`'s adjectives, as many as the built-in split has (so the mix of tasks stays): the answers
-    alternate POSITIVE and NEGATIVE, the kinds cycle plain, negated, contrast, and each label's adjectives are used
-    in turn (every one once before any twice)."""
+    alternate POSITIVE and NEGATIVE, the kinds cycle plain, negated, aspect, and each label's adjectives are used in
+    turn (every one once before any twice)."""
     rng = random.Random(f"protocol-sentiment-{split}")
     by_label = {label: sorted(adj for adj, lab in adjectives(split).items() if lab == label) for label in FLIP}
     for words in by_label.values():
@@ -156,16 +164,21 @@ def sentiment(split: str) -> list[dict]:
 
     rows = []
     for i in range(len(sft_tasks.sentiment(split))):
-        answer, kind = ("POSITIVE", "NEGATIVE")[i % 2], ("plain", "negated", "contrast")[i // 2 % 3]
-        noun = rng.choice(sft_tasks.NOUNS)
+        answer, kind = ("POSITIVE", "NEGATIVE")[i % 2], ("plain", "negated", "aspect")[i // 2 % 3]
+        noun, instruction = rng.choice(sft_tasks.NOUNS), sft_tasks.SENTIMENT_INSTRUCTION
         if kind == "plain":
             review = rng.choice(REVIEW_TEMPLATES[split]).format(noun=noun, adj=take(answer))
         elif kind == "negated":
             review = rng.choice(NEGATION_TEMPLATES[split]).format(noun=noun, adj=take(FLIP[answer]))
-        else:
-            review = rng.choice(CONTRAST_TEMPLATES[split]).format(noun=noun, adj=take(answer),
-                                                                  other=rng.choice(by_label[FLIP[answer]]))
-        rows.append(_row("sentiment", sft_tasks.SENTIMENT_INSTRUCTION + review, answer))
+        else:  # the asked noun's clause comes first or second at random
+            other_noun = rng.choice([n for n in sft_tasks.NOUNS if n != noun])
+            asked = dict(noun=noun, adj=take(answer))
+            other = dict(noun=other_noun, adj=rng.choice(by_label[FLIP[answer]]))
+            first, second = (asked, other) if rng.random() < 0.5 else (other, asked)
+            review = rng.choice(ASPECT_TEMPLATES[split]).format(noun=first["noun"], adj=first["adj"],
+                                                                other_noun=second["noun"], other=second["adj"])
+            instruction = ASPECT_INSTRUCTION.format(noun=noun)
+        rows.append(_row("sentiment", instruction + review, answer))
     rng.shuffle(rows)
     return rows
 

@@ -323,8 +323,8 @@ def brief(data: dict) -> list[str]:
 
 def draw(data: dict, folder: str, filename: str = "quality_budgets.png") -> str | None:
     plt = pyplot()
-    if plt is None or not data["budgets"]:
-        return None
+    if plt is None or not any(e["seeds"] for entry in data["budgets"].values() for e in entry["methods"].values()):
+        return None  # nothing tested yet: no picture
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     names = sorted({n for e in data["budgets"].values() for n in e["methods"]})
     for i, name in enumerate(names):

@@ -152,6 +152,29 @@ def test_labels_with_commas_are_joined_longest_first():
         _rejoin(["ID-LoRA rms", "s=9"], wanted)
 
 
+def test_a_stored_run_of_other_rows_under_the_same_name_is_refused(tmp_path):
+    from datasets import Dataset
+
+    from benchmarks.quality.runs import Bench, Spec
+
+    rows = [{"prompt": [{"role": "user", "content": "2+2?"}], "completion": [{"role": "assistant", "content": "4"}]}]
+    setup = dict(p=8, steps=1, batch=1, data="protocol-test")
+    spec = Spec("LoRA", 1e-3, 0)
+
+    def bench(train):
+        return Bench(None, None, train, rows, rows, setup, str(tmp_path / "runs"), str(tmp_path / "work"))
+
+    first = bench(Dataset.from_list(rows))
+    first._save(spec, {"lr": 1e-3})
+    assert first.load(spec)["rows_sha"] == first.rows_sha == bench(list(rows)).rows_sha  # a list or a Dataset
+    changed = bench(Dataset.from_list([{**rows[0], "completion": [{"role": "assistant", "content": "5"}]}]))
+    assert changed.rows_sha != first.rows_sha
+    with pytest.raises(SystemExit, match=r"trained on other rows .* task set changed without a new name"):
+        changed.load(spec)
+    (tmp_path / "runs" / (spec.key(setup) + ".json")).write_text(json.dumps({"lr": 1e-3}))  # from before the check
+    assert changed.load(spec) == {"lr": 1e-3}
+
+
 # ------------------------------------------------------------------------------------------- report
 def _write(folder, name: str, lr: float, seed: int, val: float, test: float | None = None, acc: float = 0.5,
            steps: int = 30, batch: int = 4, data: str = tasks.DATA, first: float | None = None) -> None:

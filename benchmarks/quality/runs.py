@@ -102,6 +102,12 @@ def sft_args(spec: Spec, setup: dict, output_dir: str):
                      report_to="none", save_strategy="no", disable_tqdm=True, dataloader_num_workers=0)
 
 
+def rows_sha(*splits) -> str:
+    """A short hash of the rows of every split (lists of dicts or `datasets.Dataset`s), in order."""
+    blob = json.dumps([list(split) for split in splits], sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
 class Bench:
     """The model, data and folders that every run of one protocol shares; a protocol's kind of run is `_train` and
     `_score_test` (SFT here, DPO in `benchmarks.dpo.runs`)."""
@@ -112,6 +118,7 @@ class Bench:
         self.validation, self.test = validation, test
         self.results_dir, self.work_dir, self.log = results_dir, work_dir, log
         self.index_files: dict[str, str] = {}  # one clustering per decomposition setting
+        self.rows_sha = rows_sha(train, validation, test)
         os.makedirs(results_dir, exist_ok=True)
         os.makedirs(work_dir, exist_ok=True)
 
@@ -120,12 +127,23 @@ class Bench:
         return os.path.join(self.results_dir, spec.key(self.setup) + ".json")
 
     def load(self, spec: Spec) -> Optional[dict]:
+        """The stored record of `spec`, or None. A record trained on other rows than this bench's is an error: the
+        file name hashes the setup (with the task set's name, `data`), not the rows, so a task set changed without a
+        new name would otherwise resume runs of the old one. Records older than the check carry no `rows_sha`."""
         try:
-            return read_json(self.path(spec))
+            record = read_json(self.path(spec))
         except FileNotFoundError:
             return None
+        if record.get("rows_sha", self.rows_sha) != self.rows_sha:
+            raise SystemExit(
+                f"benchmarks: {self.path(spec)} was trained on other rows (rows_sha {record['rows_sha']}, these are "
+                f"{self.rows_sha}) under the same task-set name ({self.setup.get('data')!r}): the task set changed "
+                "without a new name. Give it one (`DATA` in benchmarks/quality/tasks.py or the DPO protocol's), or "
+                "move the stale runs out of the folder.")
+        return record
 
     def _save(self, spec: Spec, record: dict) -> None:
+        record.setdefault("rows_sha", self.rows_sha)
         write_json(self.path(spec), record)  # a killed run never leaves half a file
 
     # ------------------------------------------------------------------ runs

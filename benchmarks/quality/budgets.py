@@ -34,7 +34,7 @@ from benchmarks.quality.runs import acc, method_name, nll
 from benchmarks.stats import ci95, mean
 
 RUNS = os.path.join(STORED, "quality-runs")
-PATH, DOC = os.path.join(STORED, "quality-budgets.json"), os.path.join(STORED, "quality-budgets.md")
+DOC = os.path.join(STORED, "quality-budgets.md")  # the current task set's report (`doc_path`); its JSON beside it
 GRID_SEEDS, TEST_SEEDS, FLOOR_NLL, FLOOR_ACC = 2, 5, 0.02, 0.95
 PAPER, LORA = "ID-LoRA (paper)", "LoRA"
 CANDIDATES = ("ID-LoRA rms", "ID-LoRA rms, s=8", "ID-LoRA rms, random rows", "ID-LoRA rms, pmrc-qr")
@@ -211,6 +211,7 @@ def _pm(values: list[float]) -> str:
 
 def render(data: dict, plot: str | None = None) -> str:
     protocol = data["protocol"]
+    picture = [f"![test NLL and accuracy against examples seen]({os.path.basename(plot)})", ""] if plot else []
     command = "python -m benchmarks.quality.budgets" + ("" if protocol == tasks.DATA else f" --data {protocol}")
     lines = [f"# Quality against examples seen ({protocol}, {data['runs']} stored runs)", "",
              f"Written by `{command}` from `docs/benchmarks/quality-runs`. The tasks: {PROTOCOLS[protocol]}. Each "
@@ -258,16 +259,13 @@ def render(data: dict, plot: str | None = None) -> str:
     if protocol != tasks.DATA:  # a closed task set: nothing is planned for it any more
         lines += ["## Closed", "", f"This task set is closed: the protocol runs on {tasks.DATA} now "
                   f"([{os.path.basename(DOC)}]({os.path.basename(DOC)}); why: `benchmarks/quality/tasks.py`).", ""]
-        return "\n".join(lines + ([f"![test NLL and accuracy against examples seen]({os.path.basename(plot)})", ""]
-                                  if plot else []))
+        return "\n".join(lines + picture)
     todo = plan(data)
     lines += ["## What the protocol still lacks", "", "Each line completes with `python -m benchmarks --only quality "
               "--threads 1 --ablations none --no-diagnosis --out /tmp/x.md` followed by its command:", "",
               table(["budget", "method", "for", "stored", "command"], todo) if todo else "Nothing: it is complete.",
               ""]
-    if plot:
-        lines += [f"![test NLL and accuracy against examples seen]({os.path.basename(plot)})", ""]
-    return "\n".join(lines + RESUME)
+    return "\n".join(lines + picture + RESUME)
 
 
 RESUME = ["## Running and resuming", "",

@@ -143,7 +143,6 @@ class Bench:
         return record
 
     def _save(self, spec: Spec, record: dict) -> None:
-        record.setdefault("rows_sha", self.rows_sha)
         write_json(self.path(spec), record)  # a killed run never leaves half a file
 
     # ------------------------------------------------------------------ runs
@@ -151,7 +150,7 @@ class Bench:
         """The stored record of `spec`, training it first if needed; with `score_test`, also its test scores."""
         record = self.load(spec)
         if record is None:
-            record = self._train(spec)
+            record = dict(self._train(spec), rows_sha=self.rows_sha)  # the rows it trained on: `load` checks them
             self._save(spec, record)
         if score_test and "test" not in record:
             record["test"] = self._score_test(spec)

@@ -305,10 +305,14 @@ def test_the_plan_lists_what_each_budget_lacks_with_a_grid_that_resumes_or_follo
     assert plan["30x4", "DoRA"] == ("nothing", "`--quality-steps 30 --quality-batch 4 --grid "
                                     "0.00025,0.0005,0.001,0.002,0.004 --methods 'DoRA'`")
     # centred on 30x4's choice and widened to what is stored, so the command resumes it and completes the grid
-    assert plan["60x8", "LoRA"] == ("1 rate, 0 test seeds", "`--quality-steps 60 --quality-batch 8 --grid "
-                                    "0.0005,0.001,0.002,0.004,0.008 --methods 'LoRA'`")
+    assert plan["60x8", "LoRA"] == ("2 runs, 1 rate on both grid seeds, 0 test seeds", "`--quality-steps 60 "
+                                    "--quality-batch 8 --grid 0.0005,0.001,0.002,0.004,0.008 --methods 'LoRA'`")
     assert "--grid 6.25e-05,0.000125,0.00025,0.0005,0.001,0.002 " in plan["60x8", "ID-LoRA (paper)"][1]
     assert data["budgets"]["60x8"]["methods"]["LoRA"]["edge"]  # one rate is no grid: on both its edges
+    _write(tmp_path, "ID-LoRA rms, s=8", 1e-3, 0, 0.4, steps=60, batch=8)  # one grid seed: a run, not yet a rate
+    single = budgets.plan(budgets.summarise(budgets.collect(str(tmp_path)), {"ID-LoRA rms, s=8": True}))
+    assert [r[3] for r in single if r[:2] == ["60x8", "ID-LoRA rms, s=8"]] == ["1 run, 0 rates on both grid seeds, "
+                                                                            "0 test seeds"]
     with pytest.raises(ValueError, match=r"\[0\.0003\] are not 0\.00025 times a power of 2"):
         budgets._span([2.5e-4, 3e-4, 1e-3])  # a rate off the grid's factor of 2 is named, not dropped
     assert "--grid 0.0005,0.001,0.002 --methods 'LoRA'" in plan["240x8", "LoRA"][1]  # 3 rates at the largest

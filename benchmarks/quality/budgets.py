@@ -107,6 +107,7 @@ def summarise(runs: dict, part2: dict | None = None, protocol: str = tasks.DATA)
             first = next(iter(next(iter(by_lr.values())).values()))
             entry["methods"][name] = dict(
                 lr=lr, edge=edge, curve={str(k): v for k, v in sorted(curve.items())}, trainable=first["trainable"],
+                runs=sum(len(seeds) for seeds in by_lr.values()),
                 seeds=[r["seed"] for r in tested], nll=[nll(r) for r in tested], accuracy=[acc(r) for r in tested],
                 tasks={t: [acc(r, t) for r in tested] for t in tasks.TASKS},
                 validation_tasks={t: mean(by_lr[lr][s]["validation"]["nll"][t] for s in range(GRID_SEEDS))
@@ -179,8 +180,8 @@ def plan(data: dict) -> list[list[str]]:
             else:  # nothing to centre on: the default grid, or wait for the previous budget at the largest
                 planned = [] if budget == largest else list(DEFAULT_GRID)
             grid = _span(stored + planned)
-            have = (f"{len(stored)} rate{'s' * (len(stored) != 1)}, {len(e['seeds'])} test seeds" if e
-                    else "nothing")
+            have = (f"{_count(e['runs'], 'run')}, {_count(len(stored), 'rate')} on both grid seeds, "
+                    f"{_count(len(e['seeds']), 'test seed')}" if e else "nothing")
             steps, batch = budget.split("x")
             command = (f"--quality-steps {steps} --quality-batch {batch} --grid {','.join(f'{g:g}' for g in grid)} "
                        f"--methods '{name}'" if grid else f"after the previous budget's choice for {name}")
@@ -188,6 +189,10 @@ def plan(data: dict) -> list[list[str]]:
             rows.append((name in diagnosis, [budget, name, why, have, f"`{command}`"]))
         previous = {n: e["lr"] for n, e in entry["methods"].items() if e["lr"]}
     return [row for _, row in sorted(rows, key=lambda r: r[0])]  # stable: the rule's rows first, by budget
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' * (n != 1)}"
 
 
 def _span(rates: list[float]) -> list[float]:

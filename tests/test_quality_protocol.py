@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +15,8 @@ from benchmarks.quality import budgets, tasks
 from benchmarks.quality.measure import _rejoin
 from benchmarks.quality.runs import Spec, method_name, named_methods, peft_config
 from idlora_trl_app.data import sft_tasks
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TARGETS = ["q_proj", "v_proj"]
 
@@ -322,3 +328,32 @@ def test_the_plan_lists_what_each_budget_lacks_with_a_grid_that_resumes_or_follo
     assert [r[2] for r in rows if r[1] == "ID-LoRA rms"] == ["item 3 only (fails part 2)"] * 2
     assert rows.index(next(r for r in rows if r[1] == "ID-LoRA rms")) > rows.index(
         next(r for r in rows if r[0] == "240x8"))
+
+
+def test_a_stored_id_lora_adapter_is_scored_by_a_process_that_trained_nothing(tmp_path, tiny_model_dir):
+    """Resuming a grid whose runs are all stored scores the test split first: the process loads an ID-LoRA adapter
+    before anything imported `idlora_trl` (which registers the IDLORA type with PEFT). Run in a fresh interpreter:
+    this one imported `idlora_trl` long ago."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    import idlora_trl  # noqa: F401  (registers IDLORA here, where the adapter is made)
+
+    setup = dict(p=2, steps=1, batch=1, data="protocol-test")
+    spec = Spec("ID-LoRA", 1e-3, 0, named_methods(2)["ID-LoRA (paper)"][1])
+    config = peft_config(spec, 2, ["q_proj", "v_proj"])
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), config).save_pretrained(
+        tmp_path / "work" / spec.key(setup))
+    script = f"""
+import sys
+from transformers import AutoModelForCausalLM
+from benchmarks.quality.runs import Bench, Spec
+assert "idlora_trl" not in sys.modules, "the check needs a process that has not imported idlora_trl"
+bench = Bench(AutoModelForCausalLM.from_pretrained({tiny_model_dir!r}), None, [], [], [], {setup!r},
+              {str(tmp_path / "runs")!r}, {str(tmp_path / "work")!r})
+model = bench.saved_adapter(Spec("ID-LoRA", 1e-3, 0, {spec.settings!r}))
+print(type(model.peft_config["default"]).__name__)
+"""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.split() == ["IDLoRAConfig"], result.stderr[-2000:]

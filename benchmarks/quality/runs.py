@@ -212,6 +212,8 @@ class Bench:
         no saved copy of it)."""
         from peft import PeftModel
 
+        import idlora_trl  # noqa: F401  (registers IDLORA with PEFT: a resumed process may score before it trains)
+
         out_dir = os.path.join(self.work_dir, spec.key(self.setup))
         if not os.path.isfile(os.path.join(out_dir, "adapter_config.json")):  # another machine: train again
             self._save(spec, self._train(spec))

@@ -177,6 +177,8 @@ def trained_updates(base, batch: dict, targets: list[str], adapters: dict[str, s
     method's update has grown by the last step, per module type."""
     from peft import PeftModel
 
+    import idlora_trl  # noqa: F401  (registers IDLORA with PEFT, whatever ran before)
+
     out = []
     for label, folder in adapters.items():
         model = PeftModel.from_pretrained(copy.deepcopy(base), folder).eval()

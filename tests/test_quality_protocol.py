@@ -161,7 +161,7 @@ def test_labels_with_commas_are_joined_longest_first():
 def test_a_stored_run_of_other_rows_under_the_same_name_is_refused(tmp_path):
     from datasets import Dataset
 
-    from benchmarks.quality.runs import Bench, Spec
+    from benchmarks.quality.runs import Bench
 
     rows = [{"prompt": [{"role": "user", "content": "2+2?"}], "completion": [{"role": "assistant", "content": "4"}]}]
     setup = dict(p=8, steps=1, batch=1, data="protocol-test")

@@ -104,11 +104,14 @@ class RouterVariant:
         """`weight -= delta`, in place, with the rows the merge read (the delta is recomputed exactly)."""
         weight.sub_(cls.delta_weight(module, adapter_name, rows).to(weight.dtype))
 
-    @staticmethod
-    def check_overflow(module: Any, adapter_name: str, base_out: torch.Tensor, v: torch.Tensor) -> None:
-        """Under `overflow.overflow_check` only (it syncs): with the paper's router the update is quadratic in the
-        activations and can overflow where LoRA's does not; an update that turns a finite base output into inf/NaN
-        is an error naming the module. The trainers run it when a loss is not finite."""
+    #: What to do about an update that overflowed (the end of `check_overflow`'s error); the routers differ.
+    overflow_advice = ("The update is linear in the activations, like LoRA's: lower the learning rate, or "
+                       "idlora_alpha (the scale s = idlora_alpha / r).")
+
+    @classmethod
+    def check_overflow(cls, module: Any, adapter_name: str, base_out: torch.Tensor, v: torch.Tensor) -> None:
+        """Under `overflow.overflow_check` only (it syncs): an update that turns a finite base output into inf/NaN
+        is an error naming the module, with the router's advice. The trainers run it when a loss is not finite."""
         B = module.idlora_B[adapter_name].weight.detach()
         update = nn.functional.linear(v.detach().unflatten(-1, (module.rank_boost[adapter_name], -1)).to(B.dtype), B)
         finite_update = bool(torch.isfinite(update * module.scaling[adapter_name]).all())
@@ -118,9 +121,7 @@ class RouterVariant:
         raise FloatingPointError(
             f"ID-LoRA adapter {adapter_name!r} on module {module.module_name!r} turned a finite output into inf/NaN "
             f"(max |W h| = {base_out.abs().max().item():.3g}, max |T| = {T:.3g}, max |B| = "
-            f"{B.abs().max().item():.3g}). With router_norm='none' (the paper's router) the update is quadratic in "
-            "the activations and overflows at this scale. Use router_norm='rms' (scale-free: the update is linear "
-            "in the activations, like LoRA's; the default 'none' is the paper's router), or a lower learning rate."
+            f"{B.abs().max().item():.3g}). {cls.overflow_advice}"
         )
 
 
@@ -148,6 +149,11 @@ def _token_backward(rows: torch.Tensor, weight: torch.Tensor, alpha: torch.Tenso
 
 class TokenRouter(RouterVariant):
     """The paper's router (`router_norm="none"`): `alpha_i = <T, x_i>`, so `v` is quadratic in the activations."""
+
+    overflow_advice = (
+        "With router_norm='none' (the paper's router) the update is quadratic in the activations and overflows at "
+        "this scale. Use router_norm='rms' (scale-free: the update is linear in the activations, like LoRA's; the "
+        "default 'none' is the paper's router), or a lower learning rate.")
 
     @staticmethod
     def mix(rows: torch.Tensor, weight: torch.Tensor) -> Mixed:
@@ -177,10 +183,6 @@ class TokenRmsRouter(RouterVariant):
         grad_c = (grad_alpha * alpha).sum(-1, keepdim=True) / c  # sum_i dL/dalpha_i a_i
         grad_rows.add_(rows * (grad_c * c.pow(3) / -k).unsqueeze(-1))  # dc/dx = -c^3 x / k
         return grad_rows, grad_weight
-
-    @staticmethod
-    def check_overflow(module: Any, adapter_name: str, base_out: torch.Tensor, v: torch.Tensor) -> None:
-        """Nothing to check: the update is linear in the activations, like LoRA's."""
 
 
 class StaticRouter(RouterVariant):
@@ -217,12 +219,6 @@ class StaticRouter(RouterVariant):
         B = module.idlora_B[adapter_name].weight.float()  # [d_out/f, r/f]
         blocks = torch.einsum("or,frd->fod", B, mixed.reshape(f, r // f, -1))  # [f, d_out/f, d_in]
         return blocks.reshape(module.out_features, -1) * module.scaling[adapter_name]
-
-    @staticmethod
-    def check_overflow(module: Any, adapter_name: str, base_out: torch.Tensor, v: torch.Tensor) -> None:
-        """As before the variants existed: `router_norm`, which does not change the static mix, decides the check."""
-        if module.router_norm[adapter_name] == "none":
-            RouterVariant.check_overflow(module, adapter_name, base_out, v)
 
 
 def variant_for(router: str, router_norm: str) -> RouterVariant:

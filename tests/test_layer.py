@@ -235,6 +235,33 @@ def test_large_activations_stay_finite_or_are_reported(router_norm):
     assert not any(layer.check_overflow for _, layer in idlora_layers(model))
 
 
+@pytest.mark.parametrize("router,router_norm,advice", [
+    ("token", "none", r"quadratic in the activations.*router_norm='rms'"),
+    ("token", "rms", r"linear in the activations, like LoRA's: lower the learning rate"),
+    ("static", "none", r"linear in the activations, like LoRA's: lower the learning rate"),
+    ("static", "rms", r"linear in the activations, like LoRA's: lower the learning rate"),
+])
+def test_every_router_names_the_module_whose_update_overflowed(router, router_norm, advice):
+    """Whatever the router, an update that turns a finite output into inf is named under `overflow_check` (the
+    trainers then say so instead of blaming the base model), and the advice fits the router: only the paper's
+    quadratic router is told to switch to rms. T and B are set to 1e20 so that the update overflows float32."""
+    from idlora_trl import overflow_check
+
+    torch.manual_seed(0)
+    config = IDLoRAConfig(r=2, num_clusters=2, rank_boost=1, router=router, router_norm=router_norm,
+                          target_modules=["0"])
+    model = get_peft_model(nn.Sequential(nn.Linear(16, 16)), config)
+    layer = model.base_model.model[0]
+    with torch.no_grad():
+        layer.idlora_T["default"].weight.fill_(1e20)
+        layer.idlora_B["default"].weight.fill_(1e20)
+        h = torch.randn(4, 16)
+        assert not torch.isfinite(model(h)).all()  # the forward itself does not check
+        with pytest.raises(FloatingPointError, match=r"module '0' turned a finite output into inf/NaN.*" + advice), \
+                overflow_check(model):
+            model(h)
+
+
 @pytest.mark.parametrize("mode", list(GRAD_MODES))
 def test_no_tokens_gives_an_empty_output(mode):
     """A batch without tokens (shape [2, 0, d_in]) passes through: the overflow check has nothing to reduce."""

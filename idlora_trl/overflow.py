@@ -1,8 +1,9 @@
 """Which module's update overflowed: checked on demand, never in the ordinary forward.
 
 With the paper's router (`router_norm="none"`) the update is quadratic in the activations and can overflow where
-LoRA's does not; the linear routers (`rms`, `static`) can overflow too, at a rate where LoRA would. Checking every update in every forward would cost a host synchronisation per module per forward
-(150 per decoding step of SmolLM2) and break `torch.compile` graphs. So the forward does not check; instead:
+LoRA's does not; the linear routers (`rms`, `static`) can overflow too, at a rate where LoRA would. Checking every
+update in every forward would cost a host synchronisation per module per forward (150 per decoding step of SmolLM2)
+and break `torch.compile` graphs. So the forward does not check; instead:
 
 - `overflow_check(model)`: a context in which each ID-LoRA layer checks its update and raises `FloatingPointError`
   naming the module whose update turned a finite base output into inf/NaN (the adapter runs its unfused path);

@@ -245,6 +245,17 @@ def test_budget_report_chooses_rates_pairs_by_seed_and_applies_the_rule(tmp_path
     assert budgets.verdict(dict(mean=0.1, ci=0.2, n=5), True).startswith("ties")
 
 
+def test_a_single_test_seed_is_reported_without_an_interval(tmp_path):
+    """A rate scored on one test seed so far (a grid in progress) shows its mean alone, never "± 0.000"."""
+    for lr, val in ((5e-4, 0.6), (1e-3, 0.5), (2e-3, 0.6)):
+        for seed in range(2):
+            _write(tmp_path, "LoRA", lr, seed, val, test=0.75 if (lr, seed) == (1e-3, 0) else None, acc=0.25)
+    data = budgets.summarise(budgets.collect(str(tmp_path)), {})
+    row = next(line for line in budgets.render(data).splitlines() if line.startswith("| LoRA |"))
+    assert row.startswith("| LoRA | 0.001 | 100 | 0.750 | 0.250 | 0.250 |") and row.endswith("| 1 |") and "±" not in row
+    assert "| 30x4 | LoRA | 0.001 | 100 | 0.750 | 0.250 |" in "\n".join(budgets.brief(data))
+
+
 def test_a_closed_task_set_is_reported_apart_without_a_plan(tmp_path):
     for data in ("protocol-v3", tasks.DATA):
         for seed in range(5):

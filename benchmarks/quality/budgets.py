@@ -211,7 +211,10 @@ def _span(rates: list[float]) -> list[float]:
 
 # ------------------------------------------------------------------------------------------------ report
 def _pm(values: list[float]) -> str:
-    return f"{mean(values):.3f} ± {ci95(values):.3f}" if values else "—"
+    """Mean ± 95% half-width; one value has no interval (the seeds column says how many), none is a dash."""
+    if len(values) < 2:
+        return f"{values[0]:.3f}" if values else "—"
+    return f"{mean(values):.3f} ± {ci95(values):.3f}"
 
 
 def render(data: dict, plot: str | None = None) -> str:

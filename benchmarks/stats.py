@@ -51,6 +51,15 @@ def ci95(values: list[float]) -> float:
     return t975(n - 1) * stdev(values) / math.sqrt(n)
 
 
+def mean_pm(values: list[float], digits: int = 3) -> str:
+    """"mean ± 95% half-width" for a table cell; one value has no interval (it shows alone: a table says how many
+    seeds), none is a dash."""
+    if not values:
+        return "—"
+    text = f"{mean(values):.{digits}f}"
+    return text + (f" ± {ci95(values):.{digits}f}" if len(values) > 1 else "")
+
+
 def welch(a: list[float], b: list[float]) -> tuple[float, float]:
     """Mean of a minus mean of b and the half-width of Welch's 95% interval of that difference."""
     d = mean(a) - mean(b)

@@ -216,3 +216,12 @@ def test_paired_interval_of_the_training_ratios():
     assert (round(mid, 3), round(low, 2), round(high, 2)) == (1.075, 1.03, 1.12)
     res["step_s"]["ID-LoRA"] = [1.0, 1.1]  # too few rounds for a 95% interval: the whole range
     assert paired_interval(res, "step_s")[1:] == (1.0, 1.1)
+
+
+def test_mean_pm_cells():
+    """Every report's "mean ± 95% half-width" cell: the t-interval by hand, one value alone, none a dash."""
+    from benchmarks.stats import mean_pm
+
+    assert mean_pm([1.0, 2.0, 3.0]) == "2.000 ± 2.484"  # sd 1, n 3: 4.303 / sqrt(3) = 2.4843
+    assert mean_pm([0.25, 0.75], digits=2) == "0.50 ± 3.18"  # sd 0.3536, n 2: 12.706 * 0.3536 / sqrt(2) = 3.1765
+    assert mean_pm([0.5]) == "0.500" and mean_pm([]) == "—"

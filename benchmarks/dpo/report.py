@@ -2,13 +2,9 @@
 from __future__ import annotations
 
 from benchmarks.common import table
-from benchmarks.stats import ci95, mean
+from benchmarks.stats import ci95, mean, mean_pm
 
 PATH_IN_DOCS = "benchmarks/dpo.md"  # the full report, relative to docs/
-
-
-def _pm(xs: list[float]) -> str:
-    return f"{mean(xs):.3f} ± {ci95(xs):.3f}" if xs else "—"
 
 
 def results(data: dict) -> str:
@@ -18,8 +14,8 @@ def results(data: dict) -> str:
         t = m["test"]
         rate = lambda kind: [r["refusal"][kind][0] / r["refusal"][kind][1] for r in t]  # noqa: E731
         rows.append([name, "—" if m["lr"] is None else f"{m['lr']:g}", f"{m['trainable'] or 0:,}",
-                     _pm([r["accuracy"] for r in t]), _pm([r["margin"] for r in t]), _pm(rate("harmful")),
-                     _pm(rate("benign")), len(t)])
+                     mean_pm([r["accuracy"] for r in t]), mean_pm([r["margin"] for r in t]), mean_pm(rate("harmful")),
+                     mean_pm(rate("benign")), len(t)])
     if data.get("base"):
         share = {kind: f"{c / n:.3f}" for kind, (c, n) in data["base"].items()}
         rows.append(["base model (no adapter)", "—", "0", "—", "—", share["harmful"], share["benign"], "—"])

@@ -31,7 +31,7 @@ from collections import defaultdict
 from benchmarks.common import STORED, pyplot, read_json, save_plot, table, write_json
 from benchmarks.quality import tasks
 from benchmarks.quality.runs import acc, method_name, nll
-from benchmarks.stats import ci95, mean
+from benchmarks.stats import ci95, mean, mean_pm
 
 RUNS = os.path.join(STORED, "quality-runs")
 DOC = os.path.join(STORED, "quality-budgets.md")  # the current task set's report (`doc_path`); its JSON beside it
@@ -210,13 +210,6 @@ def _span(rates: list[float]) -> list[float]:
 
 
 # ------------------------------------------------------------------------------------------------ report
-def _pm(values: list[float]) -> str:
-    """Mean ± 95% half-width; one value has no interval (the seeds column says how many), none is a dash."""
-    if len(values) < 2:
-        return f"{values[0]:.3f}" if values else "—"
-    return f"{mean(values):.3f} ± {ci95(values):.3f}"
-
-
 def render(data: dict, plot: str | None = None) -> str:
     protocol = data["protocol"]
     picture = [f"![test NLL and accuracy against examples seen]({os.path.basename(plot)})", ""] if plot else []
@@ -236,8 +229,8 @@ def render(data: dict, plot: str | None = None) -> str:
         rows = []
         for name, e in sorted(entry["methods"].items()):
             lr = "—" if e["lr"] is None else f"{e['lr']:g}" + (" (edge)" if e["edge"] else "")
-            rows.append([name, lr, f"{e['trainable']:,}", _pm(e["nll"]), _pm(e["accuracy"]),
-                         *[_pm(e["tasks"][t]) for t in tasks.TASKS], len(e["seeds"])])
+            rows.append([name, lr, f"{e['trainable']:,}", mean_pm(e["nll"]), mean_pm(e["accuracy"]),
+                         *[mean_pm(e["tasks"][t]) for t in tasks.TASKS], len(e["seeds"])])
         lines += [table(["method", "lr", "trainable", "test NLL", "accuracy", *tasks.TASKS, "seeds"], rows), ""]
         grid = sorted({lr for e in entry["methods"].values() for lr in e["curve"]}, key=float)
         lines += ["Validation NLL by rate (mean of seeds 0 and 1):", "",
@@ -311,7 +304,7 @@ def brief(data: dict) -> list[str]:
             against = entry["differences"].get(f"{name} - {LORA}", {})
             words = [verdict(against.get("nll")), verdict(against.get("accuracy"), True)] if name.startswith("ID") \
                 else ["", ""]
-            rows.append([budget, name, f"{e['lr']:g}", f"{e['trainable']:,}", _pm(e["nll"]), _pm(e["accuracy"]),
+            rows.append([budget, name, f"{e['lr']:g}", f"{e['trainable']:,}", mean_pm(e["nll"]), mean_pm(e["accuracy"]),
                          *words, len(e["seeds"])])
     if not rows:
         return []

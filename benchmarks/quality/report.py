@@ -6,14 +6,7 @@ import math
 
 from benchmarks.common import pyplot, save_plot, table
 from benchmarks.quality.runs import acc, nll
-from benchmarks.stats import ci95, mean, welch
-
-
-def _cell(values: list[float], digits: int = 3) -> str:
-    if not values:
-        return "-"
-    text = f"{mean(values):.{digits}f}"
-    return text + (f" ± {ci95(values):.{digits}f}" if len(values) > 1 else "")
+from benchmarks.stats import ci95, mean, mean_pm, welch
 
 
 def verdict(a: list[dict], b: list[dict], metric, higher_is_better: bool = True) -> str:
@@ -94,8 +87,8 @@ def render(data: dict, ctx) -> tuple[str, list]:
         share = f" ({entry['trainable'] / lora:.0%})" if lora and entry.get("trainable") else ""
         rows.append([method, f"{entry['lr']:g}" if entry.get("lr") else "not chosen yet",
                      f"{entry['trainable']:,}{share}" if entry.get("trainable") else "-",
-                     *(_cell([acc(r, t) for r in runs]) for t in tasks or []), _cell([acc(r) for r in runs]),
-                     _cell([nll(r) for r in runs]), len(runs)])
+                     *(mean_pm([acc(r, t) for r in runs]) for t in tasks or []), mean_pm([acc(r) for r in runs]),
+                     mean_pm([nll(r) for r in runs]), len(runs)])
     tasks = tasks or []
     out += [table(["method", "chosen lr", "trainable (of LoRA)", *tasks, "mean accuracy", "answer NLL", "seeds"],
                   [row if len(row) == 6 + len(tasks) else row[:3] + ["-"] * len(tasks) + row[3:] for row in rows],
@@ -154,13 +147,13 @@ def _ablations(data: dict, tasks: list[str]) -> list[str]:
     default = _tested(data["main"].get("ID-LoRA", {}))
     if not data["ablations"] or not default:
         return []
-    rows = [["default", f"{data['main']['ID-LoRA']['lr']:g}", *(_cell([acc(r, t) for r in default]) for t in tasks),
-             _cell([acc(r) for r in default]), _cell([nll(r) for r in default]), "-", "-", len(default)]]
+    rows = [["default", f"{data['main']['ID-LoRA']['lr']:g}", *(mean_pm([acc(r, t) for r in default]) for t in tasks),
+             mean_pm([acc(r) for r in default]), mean_pm([nll(r) for r in default]), "-", "-", len(default)]]
     for name, entry in data["ablations"].items():
         runs = _tested(entry)
         rows.append([name, f"{entry['lr']:g}" if entry.get("lr") else "-",
-                     *(_cell([acc(r, t) for r in runs]) for t in tasks), _cell([acc(r) for r in runs]),
-                     _cell([nll(r) for r in runs]),
+                     *(mean_pm([acc(r, t) for r in runs]) for t in tasks), mean_pm([acc(r) for r in runs]),
+                     mean_pm([nll(r) for r in runs]),
                      verdict(runs, default, acc) if runs else "-", verdict(runs, default, nll, False) if runs else "-",
                      len(runs)])
     return [f"**ID-LoRA ablations** (one setting changed each, each at its own best rate from the grid around the "

@@ -368,3 +368,34 @@ print(type(model.peft_config["default"]).__name__)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.split() == ["IDLoRAConfig"], result.stderr[-2000:]
+
+
+def test_recheck_trains_a_stored_run_again_and_flags_a_difference(tmp_path, capsys):
+    """`recheck` rebuilds a stored run's bench from its setup alone and trains it again: the same machine agrees to
+    the last bit; a stored loss moved by 1e-3 is above the tolerance; a run of another task set is refused."""
+    import argparse
+
+    from benchmarks.quality import measure, recheck
+
+    parser = argparse.ArgumentParser()
+    measure.add_arguments(parser)
+    args = parser.parse_args(["--quality-p", "2", "--quality-steps", "2", "--quality-batch", "4", "--val-per-task",
+                              "2", "--test-per-task", "2", "--quality-dir", str(tmp_path / "runs"), "--work-dir",
+                              str(tmp_path / "work")])
+    args.smoke = True
+    bench, _ = measure.build_bench(args)
+    spec = Spec("ID-LoRA", 1e-3, 0, named_methods(2)["ID-LoRA (paper)"][1])
+    bench.run(spec)
+    path = bench.path(spec)
+    assert recheck.main([path, "--tolerance", "1e-6"]) == 0, capsys.readouterr().out
+    assert "training loss, step" in capsys.readouterr().out
+
+    record = json.loads(Path(path).read_text())
+    record["losses"][-1] += 1e-3
+    Path(path).write_text(json.dumps(record))
+    assert recheck.main([path]) == 1
+    assert re.search(r"training loss, step 2 .* \| 1\.0e-03 \|", capsys.readouterr().out)
+
+    record["setup"]["data"] = "protocol-v3"
+    Path(path).write_text(json.dumps(record))
+    assert recheck.main([path]) == 2 and "task set 'protocol-v3'" in capsys.readouterr().err

@@ -98,7 +98,8 @@ def _min_d_out(model, targets: list[str]) -> int:
                if n.split(".")[-1] in targets and isinstance(m, torch.nn.Linear))
 
 
-def _bench(args):
+def build_bench(args):
+    """The protocol's shared model, splits and folders from the parsed arguments, and the smallest d_out targeted."""
     targets = [t.strip() for t in DEFAULT_TARGETS.split(",")]
     validation = tasks.rows("validation", per_task=args.val_per_task)
     test = tasks.rows("test", per_task=args.test_per_task)
@@ -129,7 +130,7 @@ def run(args, partial=None) -> dict:
         args.grid_seeds, args.test_seeds, args.ablation_seeds, args.max_extend = 1, 2, 1, 0
         args.val_per_task, args.test_per_task, args.ablation_span, args.exploration_dir = 2, 2, 0, scratch
         args.ablations = args.ablations if args.ablations != "all" else "router=static,selection=random,k=8, r=4"
-    bench, min_d_out = _bench(args)
+    bench, min_d_out = build_bench(args)
     clock = Clock(None if args.quality_minutes is None else 60 * args.quality_minutes)
     grid = sorted(float(v) for v in args.grid.split(","))
     factor = grid[1] / grid[0] if len(grid) > 1 else 2.0

@@ -399,3 +399,38 @@ def test_recheck_trains_a_stored_run_again_and_flags_a_difference(tmp_path, caps
     record["setup"]["data"] = "protocol-v3"
     Path(path).write_text(json.dumps(record))
     assert recheck.main([path]) == 2 and "task set 'protocol-v3'" in capsys.readouterr().err
+
+
+def test_grid_runs_trained_here_are_scored_on_test_at_once_and_stored_ones_are_left_alone():
+    """`--score-grid-tests`: a grid run trained in this process is scored on test while its adapter is here; a stored
+    run is never trained again to be scored; the rate is chosen on validation whatever the test scores say."""
+    from benchmarks.common import Clock
+    from benchmarks.quality.measure import grid_search
+
+    validation = {1e-3: 0.5, 2e-3: 0.4, 4e-3: 0.6}  # 2e-3 wins on validation ...
+    test = {1e-3: 0.1, 2e-3: 0.9, 4e-3: 0.9}  # ... and would lose on test
+
+    class Bench:
+        def __init__(self):
+            self.stored = {(1e-3, 0): {"validation": {"nll": {"t": validation[1e-3]}}}}
+            self.calls = []
+
+        def load(self, spec):
+            return self.stored.get((spec.lr, spec.seed))
+
+        def run(self, spec, score_test=False):
+            self.calls.append((spec.lr, spec.seed, score_test))
+            record = self.stored.setdefault((spec.lr, spec.seed), {"validation": {"nll": {"t": validation[spec.lr]}}})
+            if score_test:
+                record["test"] = {"nll": {"t": test[spec.lr]}}
+            return record
+
+    bench = Bench()
+    chosen, curve = grid_search(bench, "LoRA", (), [1e-3, 2e-3, 4e-3], 2, 2.0, 0, Clock(), score_test=True)
+    assert chosen == 2e-3 and sorted(curve) == [1e-3, 2e-3, 4e-3]
+    assert bench.calls == [(1e-3, 0, False), (1e-3, 1, True), (2e-3, 0, True), (2e-3, 1, True), (4e-3, 0, True),
+                           (4e-3, 1, True)]
+    assert "test" not in bench.stored[(1e-3, 0)]
+    bench.calls.clear()
+    grid_search(bench, "LoRA", (), [1e-3, 2e-3, 4e-3], 2, 2.0, 0, Clock())  # resumed: every run stored, none scored
+    assert [c[2] for c in bench.calls] == [False] * 6

@@ -17,7 +17,7 @@ by method (`named_methods`), and per budget and method:
     python -m benchmarks.quality.budgets --data protocol-v3   # the closed protocol-v3: quality-budgets-v3.{json,md}
 
 The runs themselves come from `python -m benchmarks --only quality --quality-steps S --quality-batch B
---methods ... --ablations none --no-diagnosis` (resumable, one JSON per run).
+--methods ... --ablations none --no-diagnosis --score-grid-tests` (resumable, one JSON per run).
 """
 from __future__ import annotations
 
@@ -263,7 +263,8 @@ def render(data: dict, plot: str | None = None) -> str:
         return "\n".join(lines + picture)
     todo = plan(data)
     lines += ["## What the protocol still lacks", "", "Each line completes with `python -m benchmarks --only quality "
-              "--threads 1 --ablations none --no-diagnosis --out /tmp/x.md` followed by its command:", "",
+              "--threads 1 --ablations none --no-diagnosis --score-grid-tests --out /tmp/x.md` followed by its "
+              "command:", "",
               table(["budget", "method", "for", "stored", "command"], todo) if todo else "Nothing: it is complete.",
               ""]
     return "\n".join(lines + picture + RESUME)

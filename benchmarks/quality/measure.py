@@ -22,6 +22,10 @@ def add_arguments(parser) -> None:
     g.add_argument("--grid", default="2.5e-4,5e-4,1e-3,2e-3,4e-3", help="learning rates, log-spaced by a fixed factor")
     g.add_argument("--grid-seeds", type=int, default=2, help="training seeds per grid point")
     g.add_argument("--max-extend", type=int, default=2, help="grid steps added beyond an edge that wins")
+    g.add_argument("--score-grid-tests", action="store_true",
+                   help="score each grid run trained here on test at once (3 min at 240x8): a later sitting on "
+                        "another machine then need not train seeds 0-1 of the chosen rate again (27 min each) to "
+                        "score them; the rate is still chosen on validation")
     g.add_argument("--test-seeds", type=int, default=5, help="training seeds per method at its chosen rate")
     g.add_argument("--val-per-task", type=int, default=32, help="validation items per task")
     g.add_argument("--test-per-task", type=int, default=100, help="test items per task")
@@ -59,9 +63,11 @@ def ablations(p: int, min_d_out: int) -> dict[str, dict]:
 # ------------------------------------------------------------------------------------------------- run
 def grid_search(bench: Bench, method: str, settings: tuple, lrs: list[float], seeds: int, factor: float,
                 max_extend: int, clock: Clock, score=lambda record: nll(record, "validation"),
-                ) -> tuple[float | None, dict[float, list[dict]]]:
+                score_test: bool = False) -> tuple[float | None, dict[float, list[dict]]]:
     """A validation score per rate, lower is better (default: answer NLL), extending past a winning edge;
-    returns (chosen rate or None, records). `bench` is anything with `load(spec)` and `run(spec)`."""
+    returns (chosen rate or None, records). `bench` is anything with `load(spec)` and `run(spec, score_test)`.
+    `score_test`: a run trained here is scored on test at once, while its adapter is on this machine (the rate is
+    still chosen on validation alone); a stored run is left as it is, never trained again to be scored."""
     curve: dict[float, list[dict]] = {}
     lrs = sorted(lrs)
     for extension in range(max_extend + 1):
@@ -69,9 +75,10 @@ def grid_search(bench: Bench, method: str, settings: tuple, lrs: list[float], se
             for seed in range(seeds):
                 if lr in curve and len(curve[lr]) > seed:
                     continue
-                if bench.load(Spec(method, lr, seed, settings)) is None and clock.skip():
+                fresh = bench.load(Spec(method, lr, seed, settings)) is None
+                if fresh and clock.skip():
                     return None, curve
-                curve.setdefault(lr, []).append(bench.run(Spec(method, lr, seed, settings)))
+                curve.setdefault(lr, []).append(bench.run(Spec(method, lr, seed, settings), score_test and fresh))
         scores = {lr: mean(score(r) for r in records) for lr, records in curve.items()}
         best = min(scores, key=scores.get)
         ordered = sorted(curve)
@@ -140,7 +147,8 @@ def run(args, partial=None) -> dict:
     named = named_methods(args.quality_p)
     for name in _rejoin([m.strip() for m in args.methods.split(",") if m.strip()], named):
         kind, settings = named[name]
-        chosen, curve = grid_search(bench, kind, settings, grid, args.grid_seeds, factor, args.max_extend, clock)
+        chosen, curve = grid_search(bench, kind, settings, grid, args.grid_seeds, factor, args.max_extend, clock,
+                                    score_test=args.score_grid_tests)
         data["main"][name] = dict(kind=kind, settings=dict(settings), lr=chosen,
                                   curve={str(lr): [nll(r, "validation") for r in rs] for lr, rs in curve.items()},
                                   trainable=next(iter(curve.values()))[0]["trainable"] if curve else None)
@@ -158,7 +166,7 @@ def run(args, partial=None) -> dict:
         near = [lr for lr in grid + [default]
                 if abs(math.log(lr / default) / math.log(factor)) <= args.ablation_span + 1e-9]
         chosen, curve = grid_search(bench, "ID-LoRA", settings, sorted(set(near)), args.ablation_grid_seeds, factor,
-                                     args.max_extend, clock)
+                                     args.max_extend, clock, score_test=args.score_grid_tests)
         entry = dict(settings=wanted[name], lr=chosen, curve={str(lr): [nll(r, "validation") for r in rs]
                                                               for lr, rs in curve.items()})
         if chosen is not None:

@@ -234,6 +234,9 @@ def test_budget_report_chooses_rates_pairs_by_seed_and_applies_the_rule(tmp_path
     assert "## 240 steps x 8 rows (1920 examples)" in doc and "| ID-LoRA rms | 30x4, 60x8, 240x8 | 30x4, 60x8 |" in doc
     assert "Verdict: ID-LoRA rms becomes the default." in doc
     summary = "\n".join(budgets.brief(data))
+    assert "- 30x4: lowest mean test NLL `ID-LoRA rms` (1.000); every other method behind it beyond" in summary
+    assert "- 240x8: lowest mean test NLL `ID-LoRA rms` (1.100); tied with it in paired test NLL: `ID-LoRA (paper)`;" \
+        in summary  # rms minus the paper: -0.0005 +- 0.002
     same = r"ties \(\+0\.000 ± 0\.000, n=5\)"  # the fabricated accuracies are all equal
     assert re.search(rf"\| 30x4 \| ID-LoRA rms \| 0\.001 \| 100 \| .* \| wins \(-0\.400 ± 0\.00\d, n=5\) "
                      rf"\| {same} \| 5 \|", summary)
@@ -434,3 +437,20 @@ def test_grid_runs_trained_here_are_scored_on_test_at_once_and_stored_ones_are_l
     bench.calls.clear()
     grid_search(bench, "LoRA", (), [1e-3, 2e-3, 4e-3], 2, 2.0, 0, Clock())  # resumed: every run stored, none scored
     assert [c[2] for c in bench.calls] == [False] * 6
+
+
+def test_which_setting_names_the_lowest_the_methods_tied_with_it_and_the_smallest_of_those():
+    """Per budget: the lowest mean test NLL, the methods whose paired difference from it has 0 inside its interval
+    (B: +0.010 ± 0.023 by hand), not one behind it beyond the interval (C: +0.200) nor one with a single seed (D)."""
+    a = [1.0, 1.1, 1.2, 1.3, 1.4]
+    methods = {"A": dict(seeds=[0, 1, 2, 3, 4], nll=a, trainable=200),
+               "B": dict(seeds=[0, 1, 2, 3, 4], nll=[x + d for x, d in zip(a, (.02, -.01, .02, -.01, .03))],
+                         trainable=100),
+               "C": dict(seeds=[0, 1, 2, 3, 4], nll=[x + d for x, d in zip(a, (.2, .201, .199, .2, .2))], trainable=50),
+               "D": dict(seeds=[0], nll=[0.1], trainable=10)}
+    b = budgets.best(methods)
+    assert (b["method"], b["tied"], b["fewest"], b["trainable"]) == ("A", ["A", "B"], "B", 100)
+    assert math.isclose(b["nll"], 1.2)
+    assert budgets.which_setting(b) == ("lowest mean test NLL `A` (1.200); tied with it in paired test NLL: `B`; the "
+                                        "fewest parameters among these: `B` (100 trainable).")
+    assert budgets.best({"A": methods["A"]}) is None and budgets.which_setting(None) == "not measured yet"

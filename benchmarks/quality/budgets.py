@@ -117,6 +117,7 @@ def summarise(runs: dict, part2: dict | None = None, protocol: str = tasks.DATA)
         for a, b in pairs:
             if a in done and b in done and set(done[a]["seeds"]) & set(done[b]["seeds"]):
                 entry["differences"][f"{a} - {b}"] = {m: _paired(done[a], done[b], m) for m in ("nll", "accuracy")}
+        entry["best"] = best(done)
         for t in tasks.TASKS:
             at_floor = [m for m, e in done.items() if e["seeds"] and (
                 e["validation_tasks"].get(t, 1) < FLOOR_NLL or mean(e["tasks"][t]) > FLOOR_ACC)]
@@ -129,6 +130,32 @@ def summarise(runs: dict, part2: dict | None = None, protocol: str = tasks.DATA)
 def _examples(budget: str) -> int:
     steps, batch = budget.split("x")
     return int(steps) * int(batch)
+
+
+def best(methods: dict) -> dict | None:
+    """Which setting at one budget: the method with the lowest mean test NLL, the methods tied with it (their paired
+    NLL difference from it, on 2 or more shared seeds, has 0 inside its 95% interval), and the fewest trainable
+    parameters among these; None before two methods have 2 test seeds."""
+    tested = {m: e for m, e in methods.items() if len(e["seeds"]) >= 2}
+    if len(tested) < 2:
+        return None
+    top = min(tested, key=lambda m: mean(tested[m]["nll"]))
+    tied = [m for m, e in tested.items() if m == top or (
+        len(set(e["seeds"]) & set(tested[top]["seeds"])) >= 2 and outcome(_paired(e, tested[top], "nll")) != "loses")]
+    tied.sort(key=lambda m: mean(tested[m]["nll"]))
+    fewest = min(tied, key=lambda m: (tested[m]["trainable"], mean(tested[m]["nll"])))
+    return dict(method=top, nll=mean(tested[top]["nll"]), tied=tied, fewest=fewest,
+                trainable=tested[fewest]["trainable"])
+
+
+def which_setting(b: dict | None) -> str:
+    """`best` in words."""
+    if not b:
+        return "not measured yet"
+    others = ", ".join(f"`{m}`" for m in b["tied"] if m != b["method"])
+    return (f"lowest mean test NLL `{b['method']}` ({b['nll']:.3f}); " + (
+        f"tied with it in paired test NLL: {others}" if others else "every other method behind it beyond the interval")
+            + f"; the fewest parameters among these: `{b['fewest']}` ({b['trainable']:,} trainable).")
 
 
 def _paired(a: dict, b: dict, metric: str) -> dict:
@@ -241,6 +268,7 @@ def render(data: dict, plot: str | None = None) -> str:
                 [k, f"{d['nll']['mean']:+.3f} ± {d['nll']['ci']:.3f}", f"{d['accuracy']['mean']:+.3f} ± "
                  f"{d['accuracy']['ci']:.3f}", d["nll"]["n"]] for k, d in entry["differences"].items()]), ""]
         floors = [t for t, f in entry["floor"].items() if f["every_method"]]
+        lines += [f"Which setting at this budget: {which_setting(entry.get('best'))}", ""]
         lines += [f"Tasks at their floor for every tested method: {', '.join(floors) or 'none'}.", ""]
     word = {True: "yes", False: "no", None: "not measured"}
     passing = [c for c, r in data["rule"].items() if r["passes"]]
@@ -322,8 +350,10 @@ def brief(data: dict) -> list[str]:
             f"by seed). Everything per budget, with the grids and the default rule, in [docs/benchmarks/{doc}]"
             f"(benchmarks/{doc}).", "",
             table(["budget", "method", "lr", "trainable", "test NLL", "accuracy", "against LoRA (NLL)",
-                   "against LoRA (accuracy)", "seeds"], rows),
-            ""]
+                   "against LoRA (accuracy)", "seeds"], rows), "",
+            "Which setting, per budget (paired by seed; a method is tied when 0 is inside the 95% interval of its "
+            "difference from the lowest):", "",
+            *[f"- {budget}: {which_setting(entry.get('best'))}" for budget, entry in data["budgets"].items()], ""]
 
 
 def draw(data: dict, folder: str, filename: str = "quality_budgets.png") -> str | None:

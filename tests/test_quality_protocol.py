@@ -253,9 +253,13 @@ def test_a_single_test_seed_is_reported_without_an_interval(tmp_path):
     for lr, val in ((5e-4, 0.6), (1e-3, 0.5), (2e-3, 0.6)):
         for seed in range(2):
             _write(tmp_path, "LoRA", lr, seed, val, test=0.75 if (lr, seed) == (1e-3, 0) else None, acc=0.25)
+    for seed in range(2):  # one pair so far: its difference shows alone too
+        _write(tmp_path, "ID-LoRA (paper)", 1e-3, seed, 0.5, test=0.8 if seed == 0 else None, acc=0.5)
     data = budgets.summarise(budgets.collect(str(tmp_path)), {})
-    row = next(line for line in budgets.render(data).splitlines() if line.startswith("| LoRA |"))
+    doc = budgets.render(data).splitlines()
+    row = next(line for line in doc if line.startswith("| LoRA |"))
     assert row.startswith("| LoRA | 0.001 | 100 | 0.750 | 0.250 | 0.250 |") and row.endswith("| 1 |") and "±" not in row
+    assert "| ID-LoRA (paper) - LoRA | +0.050 | +0.250 | 1 |" in doc
     assert "| 30x4 | LoRA | 0.001 | 100 | 0.750 | 0.250 |" in "\n".join(budgets.brief(data))
 
 

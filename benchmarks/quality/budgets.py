@@ -265,8 +265,8 @@ def render(data: dict, plot: str | None = None) -> str:
                                             for n, e in sorted(entry["methods"].items())]), ""]
         if entry["differences"]:
             lines += ["Paired differences (a - b, by seed):", "", table(["a - b", "test NLL", "accuracy", "n"], [
-                [k, f"{d['nll']['mean']:+.3f} ± {d['nll']['ci']:.3f}", f"{d['accuracy']['mean']:+.3f} ± "
-                 f"{d['accuracy']['ci']:.3f}", d["nll"]["n"]] for k, d in entry["differences"].items()]), ""]
+                [k, _signed_pm(d["nll"]), _signed_pm(d["accuracy"]), d["nll"]["n"]]
+                for k, d in entry["differences"].items()]), ""]
         floors = [t for t, f in entry["floor"].items() if f["every_method"]]
         lines += [f"Which setting at this budget: {which_setting(entry.get('best'))}", ""]
         lines += [f"Tasks at their floor for every tested method: {', '.join(floors) or 'none'}.", ""]
@@ -310,6 +310,11 @@ RESUME = ["## Running and resuming", "",
           "losses and validation NLL. The runs come from two CPU families: on 2026-12-07 an AMD EPYC trained the "
           "Intel Xeon's `ID-LoRA (paper)` run at 1e-3, seed 0, 30x4 again to within 5.5e-6 (the last loss; "
           "validation NLL within 4.9e-6), far inside the spread between seeds, so their runs share the tables.", ""]
+
+
+def _signed_pm(d: dict) -> str:
+    """A paired difference as "+mean ± half-width"; one pair has no interval (the n column says so)."""
+    return f"{d['mean']:+.3f}" + (f" ± {d['ci']:.3f}" if d["n"] > 1 else "")
 
 
 def outcome(d: dict, higher_is_better: bool = False) -> str:

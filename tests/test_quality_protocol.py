@@ -377,12 +377,11 @@ print(type(model.peft_config["default"]).__name__)
     assert result.returncode == 0 and result.stdout.split() == ["IDLoRAConfig"], result.stderr[-2000:]
 
 
-def test_recheck_trains_a_stored_run_again_and_flags_a_difference(tmp_path, capsys):
-    """`recheck` rebuilds a stored run's bench from its setup alone and trains it again: the same machine agrees to
-    the last bit; a stored loss moved by 1e-3 is above the tolerance; a run of another task set is refused."""
+def _smoke_bench(tmp_path):
+    """The protocol's bench at the smoke run's sizes (a tiny random Llama, 2 steps of 4 rows), under `tmp_path`."""
     import argparse
 
-    from benchmarks.quality import measure, recheck
+    from benchmarks.quality import measure
 
     parser = argparse.ArgumentParser()
     measure.add_arguments(parser)
@@ -390,7 +389,15 @@ def test_recheck_trains_a_stored_run_again_and_flags_a_difference(tmp_path, caps
                               "2", "--test-per-task", "2", "--quality-dir", str(tmp_path / "runs"), "--work-dir",
                               str(tmp_path / "work")])
     args.smoke = True
-    bench, _ = measure.build_bench(args)
+    return measure.build_bench(args)[0]
+
+
+def test_recheck_trains_a_stored_run_again_and_flags_a_difference(tmp_path, capsys):
+    """`recheck` rebuilds a stored run's bench from its setup alone and trains it again: the same machine agrees to
+    the last bit; a stored loss moved by 1e-3 is above the tolerance; a run of another task set is refused."""
+    from benchmarks.quality import recheck
+
+    bench = _smoke_bench(tmp_path)
     spec = Spec("ID-LoRA", 1e-3, 0, named_methods(2)["ID-LoRA (paper)"][1])
     bench.run(spec)
     path = bench.path(spec)
@@ -458,3 +465,22 @@ def test_which_setting_names_the_lowest_the_methods_tied_with_it_and_the_smalles
     assert budgets.which_setting(b) == ("lowest mean test NLL `A` (1.200); tied with it in paired test NLL: `B`; the "
                                         "fewest parameters among these: `B` (100 trainable).")
     assert budgets.best({"A": methods["A"]}) is None and budgets.which_setting(None) == "not measured yet"
+
+
+def test_a_run_scored_on_a_machine_without_its_adapter_stores_the_training_it_scored(tmp_path):
+    """A grid run stored by an earlier sitting has no adapter on this machine: scoring it trains it again, and the
+    stored record must then hold that training's losses and validation (the ones its test scores belong to), with
+    its rows' hash, not the earlier sitting's beside the new test scores."""
+    import shutil
+
+    bench = _smoke_bench(tmp_path)
+    spec = Spec("LoRA", 1e-3, 0)
+    trained = bench.run(spec)
+    earlier = dict(trained, losses=[9.0] * len(trained["losses"]), validation={"nll": dict.fromkeys(tasks.TASKS, 9.0)})
+    del earlier["rows_sha"]  # records from before the check carry none
+    Path(bench.path(spec)).write_text(json.dumps(earlier))  # "another machine's" training ...
+    shutil.rmtree(tmp_path / "work" / spec.key(bench.setup))  # ... whose adapter is not here
+    bench.run(spec, score_test=True)
+    scored = json.loads(Path(bench.path(spec)).read_text())
+    assert "test" in scored and scored["rows_sha"] == bench.rows_sha
+    assert scored["losses"] == trained["losses"] and scored["validation"] == trained["validation"]

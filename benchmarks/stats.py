@@ -52,7 +52,7 @@ def ci95(values: list[float]) -> float:
 
 
 def mean_pm(values: list[float], digits: int = 3) -> str:
-    """"mean ± 95% half-width" for a table cell; one value has no interval (it shows alone: a table says how many
+    """A table cell "mean ± 95% half-width"; one value has no interval (it shows alone: the table says how many
     seeds), none is a dash."""
     if not values:
         return "—"

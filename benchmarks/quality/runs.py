@@ -154,8 +154,10 @@ class Bench:
             self._save(spec, record)
         if score_test and "test" not in record:
             test = self._score_test(spec)
-            record = self.load(spec)  # trained again by `saved_adapter` on a machine without the adapter: that record
-            record["test"] = test  # (losses, validation) is the one the test scores belong to
+            # Read again: on a machine without the adapter, `saved_adapter` trained the run again and stored that
+            # training's losses and validation, the ones these test scores belong to.
+            record = self.load(spec)
+            record["test"] = test
             self._save(spec, record)
         return record
 

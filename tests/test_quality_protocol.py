@@ -394,7 +394,8 @@ def _smoke_bench(tmp_path):
 
 def test_recheck_trains_a_stored_run_again_and_flags_a_difference(tmp_path, capsys):
     """`recheck` rebuilds a stored run's bench from its setup alone and trains it again: the same machine agrees to
-    the last bit; a stored loss moved by 1e-3 is above the tolerance; a run of another task set is refused."""
+    the last bit; a stored loss moved by 1e-3 is above the tolerance; a run that logged another number of losses or
+    of another task set is refused (status 2)."""
     from benchmarks.quality import recheck
 
     bench = _smoke_bench(tmp_path)
@@ -409,6 +410,10 @@ def test_recheck_trains_a_stored_run_again_and_flags_a_difference(tmp_path, caps
     Path(path).write_text(json.dumps(record))
     assert recheck.main([path]) == 1
     assert re.search(r"training loss, step 2 .* \| 1\.0e-03 \|", capsys.readouterr().out)
+
+    record["losses"] = record["losses"][:-1]
+    Path(path).write_text(json.dumps(record))
+    assert recheck.main([path]) == 2 and "logged 1 losses, this one 2" in capsys.readouterr().err
 
     record["setup"]["data"] = "protocol-v3"
     Path(path).write_text(json.dumps(record))

@@ -45,9 +45,10 @@ def rebuild(record: dict, scratch: str):
 
 def compare(stored: dict, new: dict) -> list[list]:
     """Rows of (quantity, stored, here, |difference|): every training loss (the largest difference) and each task's
-    validation NLL."""
+    validation NLL. ValueError when the two did not log the same number of losses: they cannot be compared."""
     if len(stored["losses"]) != len(new["losses"]):
-        raise SystemExit(f"recheck: the run logged {len(stored['losses'])} losses, this one {len(new['losses'])}.")
+        raise ValueError(f"recheck: the run logged {len(stored['losses'])} losses, this one {len(new['losses'])}; "
+                         "it was trained by another logging of the protocol, so it cannot be compared here.")
     losses = [abs(a - b) for a, b in zip(stored["losses"], new["losses"])]
     worst = max(range(len(losses)), key=losses.__getitem__)
     rows = [[f"training loss, step {worst + 1} (the largest difference of {len(losses)})", stored["losses"][worst],
@@ -75,7 +76,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"recheck: {args.run} is not named by its contents (expected {spec.key(bench.setup)}.json)",
                   file=sys.stderr)
             return 2
-        rows = compare(stored, bench.run(spec))  # trains into the scratch folder
+        try:
+            rows = compare(stored, bench.run(spec))  # trains into the scratch folder
+        except ValueError as error:
+            print(error, file=sys.stderr)
+            return 2
     cells = [[q, f"{a:.7f}", f"{b:.7f}", f"{d:.1e}"] for q, a, b, d in rows]
     print(table(["", "stored", "here", "|difference|"], cells, "lrrr"))
     worst = max(d for *_, d in rows)

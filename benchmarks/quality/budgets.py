@@ -135,8 +135,9 @@ def _examples(budget: str) -> int:
 def best(methods: dict) -> dict | None:
     """Which setting at one budget: the method with the lowest mean test NLL, the methods tied with it (their paired
     NLL difference from it, on 2 or more shared seeds, has 0 inside its 95% interval), and the fewest trainable
-    parameters among these; None before two methods have 2 test seeds."""
-    tested = {m: e for m, e in methods.items() if len(e["seeds"]) >= 2}
+    parameters among these; None before two methods have 2 test seeds. A method whose rate is on the edge of its
+    grid is left out: its rate is not chosen yet (`--score-grid-tests` scores a grid's runs on test as they come)."""
+    tested = {m: e for m, e in methods.items() if len(e["seeds"]) >= 2 and not e.get("edge")}
     if len(tested) < 2:
         return None
     top = min(tested, key=lambda m: mean(tested[m]["nll"]))
@@ -343,8 +344,9 @@ def brief(data: dict) -> list[str]:
             against = entry["differences"].get(f"{name} - {LORA}", {})
             words = [verdict(against.get("nll")), verdict(against.get("accuracy"), True)] if name.startswith("ID") \
                 else ["", ""]
-            rows.append([budget, name, f"{e['lr']:g}", f"{e['trainable']:,}", mean_pm(e["nll"]), mean_pm(e["accuracy"]),
-                         *words, len(e["seeds"])])
+            lr = f"{e['lr']:g}" + (" (edge)" if e["edge"] else "")
+            rows.append([budget, name, lr, f"{e['trainable']:,}", mean_pm(e["nll"]), mean_pm(e["accuracy"]), *words,
+                         len(e["seeds"])])
     if not rows:
         return []
     doc, tasks_used = os.path.basename(doc_path(data["protocol"])), PROTOCOLS[data["protocol"]]
@@ -352,8 +354,9 @@ def brief(data: dict) -> list[str]:
             f"{tasks_used[0].upper()}{tasks_used[1:]} (real data, disjoint by entity; "
             "`benchmarks/quality/tasks.py`). Each method at its own rate chosen on validation at each budget; test "
             "mean ± 95% t-interval over seeds; \"against LoRA\" is the paired test difference (ID-LoRA minus LoRA, "
-            f"by seed). Everything per budget, with the grids and the default rule, in [docs/benchmarks/{doc}]"
-            f"(benchmarks/{doc}).", "",
+            "by seed); a rate marked (edge) is the best of a grid still being extended past it, not chosen yet, and "
+            "its method is left out of \"which setting\". Everything per budget, with the grids and the default "
+            f"rule, in [docs/benchmarks/{doc}](benchmarks/{doc}).", "",
             table(["budget", "method", "lr", "trainable", "test NLL", "accuracy", "against LoRA (NLL)",
                    "against LoRA (accuracy)", "seeds"], rows), "",
             "Which setting, per budget (paired by seed; a method is tied when 0 is inside the 95% interval of its "

@@ -184,14 +184,15 @@ def test_a_stored_run_of_other_rows_under_the_same_name_is_refused(tmp_path):
 
 # ------------------------------------------------------------------------------------------- report
 def _write(folder, name: str, lr: float, seed: int, val: float, test: float | None = None, acc: float = 0.5,
-           steps: int = 30, batch: int = 4, data: str = tasks.DATA, first: float | None = None) -> None:
+           steps: int = 30, batch: int = 4, data: str = tasks.DATA, first: float | None = None,
+           by_task: dict | None = None) -> None:
     kind, settings = named_methods(8)[name]
     first = 2.0 + seed if first is None else first  # the loss of the seed's first batch
     record = dict(method=kind, settings=dict(settings), lr=lr, seed=seed, trainable=100, losses=[first, 1.0],
                   setup=dict(p=8, steps=steps, batch=batch, data=data),
                   validation={"nll": dict.fromkeys(tasks.TASKS, val)})
     if test is not None:
-        record["test"] = {"nll": dict.fromkeys(tasks.TASKS, test),
+        record["test"] = {"nll": {**dict.fromkeys(tasks.TASKS, test), **(by_task or {})},
                           "accuracy": {t: [round(acc * 100), 100] for t in tasks.TASKS}}
     path = folder / f"{name}-{lr}-{seed}-{steps}x{batch}-{data}.json".replace(" ", "_").replace(",", "")
     path.write_text(json.dumps(record))
@@ -262,6 +263,22 @@ def test_a_single_test_seed_is_reported_without_an_interval(tmp_path):
     assert row.startswith("| LoRA | 0.001 | 100 | 0.750 | 0.250 | 0.250 |") and row.endswith("| 1 |") and "±" not in row
     assert "| ID-LoRA (paper) - LoRA | +0.050 | +0.250 | 1 |" in doc
     assert "| 30x4 | LoRA | 0.001 | 100 | 0.750 | 0.250 |" in "\n".join(budgets.brief(data))
+
+
+def test_paired_differences_are_also_reported_by_task(tmp_path):
+    """Where a gap sits: the paired test NLL difference per task, beside the mean over tasks."""
+    for seed in range(3):
+        _write(tmp_path, "LoRA", 1e-3, seed, 0.5, test=1.0 + 0.1 * seed)
+        _write(tmp_path, "ID-LoRA (paper)", 1e-3, seed, 0.5, test=1.0 + 0.1 * seed,
+               by_task={"countries": 1.4 + 0.1 * seed + 0.01 * seed})  # behind on countries only
+    data = budgets.summarise(budgets.collect(str(tmp_path)), {})
+    d = data["budgets"]["30x4"]["differences"]["ID-LoRA (paper) - LoRA"]
+    assert math.isclose(d["tasks"]["countries"]["mean"], 0.41) and d["tasks"]["countries"]["n"] == 3
+    assert d["tasks"]["arithmetic"] == dict(mean=0.0, ci=0.0, n=3)
+    assert math.isclose(d["nll"]["mean"], 0.41 / len(tasks.TASKS))
+    doc = budgets.render(data)
+    row = next(line for line in doc.splitlines() if line.startswith("| ID-LoRA (paper) - LoRA | +0.000"))
+    assert row.split(" | ")[1 + list(tasks.TASKS).index("countries")] == "+0.410 ± 0.025"
 
 
 def test_a_closed_task_set_is_reported_apart_without_a_plan(tmp_path):

@@ -110,6 +110,7 @@ def summarise(runs: dict, part2: dict | None = None, protocol: str = tasks.DATA)
                 runs=sum(len(seeds) for seeds in by_lr.values()),
                 seeds=[r["seed"] for r in tested], nll=[nll(r) for r in tested], accuracy=[acc(r) for r in tested],
                 tasks={t: [acc(r, t) for r in tested] for t in tasks.TASKS},
+                task_nll={t: [r["test"]["nll"][t] for r in tested] for t in tasks.TASKS},
                 validation_tasks={t: mean(by_lr[lr][s]["validation"]["nll"][t] for s in range(GRID_SEEDS))
                                   for t in tasks.TASKS} if lr in curve else {})
         done = entry["methods"]
@@ -117,6 +118,9 @@ def summarise(runs: dict, part2: dict | None = None, protocol: str = tasks.DATA)
         for a, b in pairs:
             if a in done and b in done and set(done[a]["seeds"]) & set(done[b]["seeds"]):
                 entry["differences"][f"{a} - {b}"] = {m: _paired(done[a], done[b], m) for m in ("nll", "accuracy")}
+                entry["differences"][f"{a} - {b}"]["tasks"] = {t: _paired(
+                    dict(seeds=done[a]["seeds"], v=done[a]["task_nll"][t]),
+                    dict(seeds=done[b]["seeds"], v=done[b]["task_nll"][t]), "v") for t in tasks.TASKS}
         entry["best"] = best(done)
         for t in tasks.TASKS:
             at_floor = [m for m, e in done.items() if e["seeds"] and (
@@ -267,7 +271,11 @@ def render(data: dict, plot: str | None = None) -> str:
         if entry["differences"]:
             lines += ["Paired differences (a - b, by seed):", "", table(["a - b", "test NLL", "accuracy", "n"], [
                 [k, _signed_pm(d["nll"]), _signed_pm(d["accuracy"]), d["nll"]["n"]]
-                for k, d in entry["differences"].items()]), ""]
+                for k, d in entry["differences"].items()]), "",
+                      "The same test NLL differences by task (where a gap sits):", "",
+                      table(["a - b", *tasks.TASKS, "n"], [[k, *(_signed_pm(d["tasks"][t]) for t in tasks.TASKS),
+                                                           d["nll"]["n"]] for k, d in entry["differences"].items()]),
+                      ""]
         floors = [t for t, f in entry["floor"].items() if f["every_method"]]
         lines += [f"Which setting at this budget: {which_setting(entry.get('best'))}", ""]
         lines += [f"Tasks at their floor for every tested method: {', '.join(floors) or 'none'}.", ""]

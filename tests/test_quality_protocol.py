@@ -357,7 +357,9 @@ def test_the_plan_lists_what_each_budget_lacks_with_a_grid_that_resumes_or_follo
                                                                             "0 test seeds"]
     with pytest.raises(ValueError, match=r"\[0\.0003\] are not 0\.00025 times a power of 2"):
         budgets._span([2.5e-4, 3e-4, 1e-3])  # a rate off the grid's factor of 2 is named, not dropped
-    assert "--grid 0.0005,0.001,0.002 --methods 'LoRA'" in plan["240x8", "LoRA"][1]  # 3 rates at the largest
+    # 3 rates at the largest budget, each grid run scored on test at once there (it trains 9x longer than at 30x4)
+    assert "--grid 0.0005,0.001,0.002 --methods 'LoRA' --score-grid-tests`" in plan["240x8", "LoRA"][1]
+    assert not any("--score-grid-tests" in command for (b, _), (_, command) in plan.items() if b != "240x8")
     assert ("240x8", "DoRA") not in plan  # DoRA may stay at the two smaller budgets
     assert ("60x8", "ID-LoRA rms, s=8") in plan and ("240x8", "ID-LoRA rms") not in plan
     # a candidate that fails part 2 is run for item 3 only: at the two smaller budgets, after the rule's runs

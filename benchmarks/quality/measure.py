@@ -25,7 +25,8 @@ def add_arguments(parser) -> None:
     g.add_argument("--score-grid-tests", action="store_true",
                    help="score each grid run trained here on test at once (3 min at 240x8): a later sitting on "
                         "another machine then need not train seeds 0-1 of the chosen rate again (27 min each) to "
-                        "score them; the rate is still chosen on validation")
+                        "score them; the rate is still chosen on validation. Only where a run trains longer than "
+                        "its test takes to score: at 30x4 (2 min) it would double a line's time")
     g.add_argument("--test-seeds", type=int, default=5, help="training seeds per method at its chosen rate")
     g.add_argument("--val-per-task", type=int, default=32, help="validation items per task")
     g.add_argument("--test-per-task", type=int, default=100, help="test items per task")

@@ -9,8 +9,8 @@ by method (`named_methods`), and per budget and method:
   extends the grid past it);
 - reads the test runs at that rate (seeds 0-4) and quotes mean +- the 95% t-interval over seeds;
 - pairs methods by seed (a seed fixes the training rows and their order for every method) for the differences
-  the issue asks for: each ID-LoRA setting minus LoRA, each minus `ID-LoRA (paper)`, and the rule of
-  docs/METHOD.md ("How the defaults are chosen");
+  the issue asks for: each ID-LoRA setting minus LoRA, each minus `ID-LoRA (paper)` (also per task, to show where
+  a gap sits), and the rule of docs/METHOD.md ("How the defaults are chosen");
 - checks the floor of every task (validation NLL below 0.02 or test accuracy above 0.95 for every method).
 
     python -m benchmarks.quality.budgets    # seconds; writes docs/benchmarks/quality-budgets.{json,md} and the plot

@@ -76,8 +76,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"recheck: {args.run} is not named by its contents (expected {spec.key(bench.setup)}.json)",
                   file=sys.stderr)
             return 2
+        new = bench.run(spec)  # trains into the scratch folder; an error in training is not a mismatch
         try:
-            rows = compare(stored, bench.run(spec))  # trains into the scratch folder
+            rows = compare(stored, new)
         except ValueError as error:
             print(error, file=sys.stderr)
             return 2

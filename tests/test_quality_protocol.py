@@ -237,6 +237,7 @@ def test_budget_report_chooses_rates_pairs_by_seed_and_applies_the_rule(tmp_path
     assert "Verdict: ID-LoRA rms becomes the default." in doc
     summary = "\n".join(budgets.brief(data))
     assert "- 30x4: lowest mean test NLL `ID-LoRA rms` (1.000); every other method behind it beyond" in summary
+    assert "(edge)" not in summary  # every rate is inside its grid: no mark, and no sentence explaining one
     assert "- 240x8: lowest mean test NLL `ID-LoRA rms` (1.100); tied with it in paired test NLL: `ID-LoRA (paper)`;" \
         in summary  # rms minus the paper: -0.0005 +- 0.002
     same = r"ties \(\+0\.000 ± 0\.000, n=5\)"  # the fabricated accuracies are all equal
@@ -262,7 +263,9 @@ def test_a_single_test_seed_is_reported_without_an_interval(tmp_path):
     row = next(line for line in doc if line.startswith("| LoRA |"))
     assert row.startswith("| LoRA | 0.001 | 100 | 0.750 | 0.250 | 0.250 |") and row.endswith("| 1 |") and "±" not in row
     assert "| ID-LoRA (paper) - LoRA | +0.050 | +0.250 | 1 |" in doc
-    assert "| 30x4 | LoRA | 0.001 | 100 | 0.750 | 0.250 |" in "\n".join(budgets.brief(data))
+    summary = "\n".join(budgets.brief(data))
+    assert "| 30x4 | LoRA | 0.001 | 100 | 0.750 | 0.250 |" in summary
+    assert "| 30x4 | ID-LoRA (paper) | 0.001 (edge) |" in summary and "a rate marked (edge) is the best" in summary
 
 
 def test_paired_differences_are_also_reported_by_task(tmp_path):

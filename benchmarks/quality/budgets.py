@@ -348,11 +348,12 @@ def verdict(d: dict | None, higher_is_better: bool = False) -> str:
 def brief(data: dict) -> list[str]:
     """Section 4's summary of the budget axis (docs/BENCHMARKS.md): per budget, each method's test scores and,
     for ID-LoRA, the paired verdicts against LoRA at its own rate (NLL: lower wins; accuracy: higher wins)."""
-    rows = []
+    rows, any_edge = [], False
     for budget, entry in data["budgets"].items():
         for name, e in sorted(entry["methods"].items()):
             if not e["seeds"]:
                 continue
+            any_edge = any_edge or bool(e["edge"])
             against = entry["differences"].get(f"{name} - {LORA}", {})
             words = [verdict(against.get("nll")), verdict(against.get("accuracy"), True)] if name.startswith("ID") \
                 else ["", ""]
@@ -366,9 +367,10 @@ def brief(data: dict) -> list[str]:
             f"{tasks_used[0].upper()}{tasks_used[1:]} (real data, disjoint by entity; "
             "`benchmarks/quality/tasks.py`). Each method at its own rate chosen on validation at each budget; test "
             "mean ± 95% t-interval over seeds; \"against LoRA\" is the paired test difference (ID-LoRA minus LoRA, "
-            "by seed); a rate marked (edge) is the best of a grid still being extended past it, not chosen yet, and "
-            "its method is left out of \"which setting\". Everything per budget, with the grids and the default "
-            f"rule, in [docs/benchmarks/{doc}](benchmarks/{doc}).", "",
+            "by seed)" + ("; a rate marked (edge) is the best of a grid still being extended past it, not chosen yet, "
+                          "and its method is left out of \"which setting\"" if any_edge else "")
+            + f". Everything per budget, with the grids and the default rule, in [docs/benchmarks/{doc}]"
+              f"(benchmarks/{doc}).", "",
             table(["budget", "method", "lr", "trainable", "test NLL", "accuracy", "against LoRA (NLL)",
                    "against LoRA (accuracy)", "seeds"], rows), "",
             "Which setting, per budget (paired by seed; a method is tied when 0 is inside the 95% interval of its "
